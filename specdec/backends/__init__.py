@@ -1,0 +1,10 @@
+"""Built-in backends, registered through the plugin manager like any third-party plugin."""
+
+from specdec.hookspecs import hookimpl
+
+
+@hookimpl
+def register_backends(register):
+    from specdec.backends.pytorch import PyTorchBackend
+
+    register(PyTorchBackend)

@@ -1,0 +1,72 @@
+"""The backend contract (DESIGN.md section 5): a model plus a KV cache of committed + pending entries.
+
+- committed: entries whose KV is final; always visible to every query.
+- pending: speculative entries appended since the last commit; visible only through the mask.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class BackendOptions(BaseModel):
+    """Base of every backend's options model (the only source of its defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Backend(ABC):
+    """Executes forwards of one causal LM and owns its KV cache."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[BackendOptions]]
+
+    vocab_size: int
+    max_length: int  # context limit in tokens (positions 0 .. max_length - 1)
+    device: torch.device
+    eos_token_ids: frozenset[int] = frozenset()
+    forward_calls: int = 0  # incremented by every `forward`; the loop reports draft forwards from it
+
+    @classmethod
+    @abstractmethod
+    def load(cls, model: str, options: BackendOptions) -> Backend:
+        """Build the backend for a model path or hub id."""
+
+    @property
+    @abstractmethod
+    def committed_len(self) -> int:
+        """Number of committed cache entries."""
+
+    @property
+    @abstractmethod
+    def pending_len(self) -> int:
+        """Number of pending cache entries."""
+
+    @abstractmethod
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [1, L] -> logits [1, V] of the last position; the L tokens become committed.
+        Requires no pending entries."""
+
+    @abstractmethod
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """input_ids, position_ids [1, Q]; mask [1, Q, S + Q] bool over the S pending entries and
+        the Q new ones (committed entries are always visible) -> logits [1, Q, V].
+        The Q new entries become pending, after the S existing ones."""
+
+    @abstractmethod
+    def commit(self, keep: list[int]) -> None:
+        """Keep these pending indices, in this order, as committed; drop the other pending ones."""
+
+    def rollback(self) -> None:
+        """Drop every pending entry."""
+        self.commit([])
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Drop the whole cache."""

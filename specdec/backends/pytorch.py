@@ -1,0 +1,208 @@
+"""PyTorch backend: any Hugging Face causal LM, with a preallocated KV buffer and tree masks."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from specdec.backends.base import Backend, BackendOptions
+from specdec.errors import SpecdecError
+from specdec.models import check_model_source, context_limit
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class PyTorchOptions(BackendOptions):
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
+    device_map: str | None = None  # e.g. "auto": spread a model larger than one device
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class PyTorchBackend(Backend):
+    name = "pytorch"
+    Options = PyTorchOptions
+
+    def __init__(self, model: PreTrainedModel):
+        _check_architecture(model)
+        self.model = model.eval()
+        config = model.config.get_text_config()
+        self.vocab_size = config.vocab_size
+        self.max_length = context_limit(config)
+        self.device = model.device
+        self.dtype = model.dtype
+        self.eos_token_ids = _eos_token_ids(model)
+        self._cache = Cache(layers=[_BufferLayer() for _ in range(config.num_hidden_layers)])
+        self._committed = 0
+        self._pending = 0
+
+    @classmethod
+    def load(cls, model: str, options: PyTorchOptions) -> PyTorchBackend:
+        check_model_source(model)
+        kwargs = dict(
+            dtype="auto" if options.dtype == "auto" else DTYPES[options.dtype],
+            attn_implementation=options.attn_implementation,
+            revision=options.revision,
+            trust_remote_code=options.trust_remote_code,
+        )
+        if options.device_map:
+            kwargs["device_map"] = options.device_map
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        except (OSError, ValueError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SpecdecError(f"could not load model {model!r}: {first_line}") from exc
+        if not options.device_map:
+            hf_model = hf_model.to(options.device)
+        return cls(hf_model)
+
+    @property
+    def committed_len(self) -> int:
+        return self._committed
+
+    @property
+    def pending_len(self) -> int:
+        return self._pending
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._pending:
+            raise RuntimeError("prefill with pending entries; commit or rollback first")
+        length = input_ids.shape[1]
+        positions = torch.arange(self._committed, self._committed + length, device=self.device)
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril_()
+        logits = self._run(input_ids, positions[None], causal[None], logits_to_keep=1)
+        self._committed += length
+        self._pending = 0
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
+        logits = self._run(input_ids, position_ids, mask, logits_to_keep=0)
+        self._pending += input_ids.shape[1]
+        self.forward_calls += 1
+        return logits
+
+    def _run(self, input_ids, position_ids, mask, logits_to_keep: int) -> torch.Tensor:
+        query_len = input_ids.shape[1]
+        visible = self._committed + self._pending + query_len
+        additive = torch.zeros(1, 1, query_len, visible, dtype=self.dtype, device=self.device)
+        additive[..., self._committed :].masked_fill_(
+            ~mask.to(self.device)[:, None], torch.finfo(self.dtype).min
+        )
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            position_ids=position_ids.to(self.device),
+            attention_mask=additive,
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+        return out.logits.float()  # [1, Q or 1, V]
+
+    @torch.inference_mode()
+    def commit(self, keep: list[int]) -> None:
+        if keep != list(range(len(keep))):  # a prefix of pending is already in place
+            index = torch.tensor(keep, dtype=torch.long, device=self.device) + self._committed
+            for layer in self._cache.layers:
+                layer.move(index, self._committed)
+        self._committed += len(keep)
+        self._pending = 0
+        for layer in self._cache.layers:
+            layer.length = self._committed
+
+    def reset(self) -> None:
+        self._committed = 0
+        self._pending = 0
+        for layer in self._cache.layers:
+            layer.length = 0
+
+
+class _BufferLayer(CacheLayerMixin):
+    """One layer's KV in a preallocated buffer [B, H_kv, capacity, D] that grows geometrically.
+
+    Appending Q entries is an index write, not a `torch.cat` of the whole cache, so the cost of a
+    step does not grow with the sequence length (apart from attention itself).
+    """
+
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._keys = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
+        self._values = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[-1])
+        self.is_initialized = True
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self._keys.shape[-2]
+        if needed <= capacity:
+            return
+        capacity = max(needed, 2 * capacity, 256)
+        for name in ("_keys", "_values"):
+            old = getattr(self, name)
+            new = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
+            new[..., : self.length, :] = old[..., : self.length, :]
+            setattr(self, name, new)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self._reserve(end)
+        self._keys[..., self.length : end, :] = key_states
+        self._values[..., self.length : end, :] = value_states
+        self.length = end
+        self.keys = self._keys[..., :end, :]
+        self.values = self._values[..., :end, :]
+        return self.keys, self.values
+
+    def move(self, index: torch.Tensor, start: int) -> None:
+        """Copy the entries at `index` [n] to positions start .. start + n - 1."""
+        if not self.is_initialized:
+            return
+        end = start + index.shape[0]
+        self._keys[..., start:end, :] = self._keys.index_select(-2, index)
+        self._values[..., start:end, :] = self._values.index_select(-2, index)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def _eos_token_ids(model: PreTrainedModel) -> frozenset[int]:
+    config = model.generation_config if model.generation_config is not None else model.config
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def _check_architecture(model: PreTrainedModel) -> None:
+    """Tree masks need a forward that takes explicit position ids and a Cache object."""
+    params = inspect.signature(model.forward).parameters
+    if not {"position_ids", "past_key_values", "attention_mask"} <= params.keys():
+        raise SpecdecError(
+            f"{type(model).__name__} cannot take a tree attention mask (its forward has no "
+            "position_ids / past_key_values); use a Llama, Qwen2, Mistral or GPT-2 style model"
+        )

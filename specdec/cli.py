@@ -1,0 +1,139 @@
+"""The `specdec` command line. Heavy modules (torch, transformers) are imported inside commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from specdec.errors import SpecdecError
+
+OVERRIDE_HELP = "override a config key, e.g. -o strategy.k=6 (repeatable)"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="specdec")
+@click.option("--debug", is_flag=True, help="show tracebacks and debug logs")
+def cli(debug: bool) -> None:
+    """Lossless speculative decoding with pluggable strategies and backends."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--prompt", help="prompt text (needs a tokenizer)")
+@click.option("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+@click.option("--max-new-tokens", type=int, help="overrides generation.max_new_tokens")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
+@click.option("--json", "as_json", is_flag=True, help='print one JSON object {"text", "token_ids", "metrics"}')
+def run(config, prompt, prompt_ids, max_new_tokens, overrides, as_json):
+    """Generate a continuation of a prompt with the models and strategy of CONFIG."""
+    from specdec.config import load_config
+    from specdec.decoder import SpeculativeDecoder
+
+    if (prompt is None) == (prompt_ids is None):
+        raise click.UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    overrides = list(overrides)
+    if max_new_tokens is not None:
+        overrides.append(f"generation.max_new_tokens={max_new_tokens}")
+    cfg = load_config(config, overrides)
+    decoder = SpeculativeDecoder.from_config(cfg)
+    source = prompt if prompt is not None else _parse_ids(prompt_ids)
+    stream = None if as_json or decoder.tokenizer is None else _TextStream(decoder.tokenizer)
+    out = decoder.generate(source, on_tokens=stream)
+    if as_json:
+        click.echo(json.dumps({"text": out.text, "token_ids": out.token_ids, "metrics": out.metrics.to_dict()}))
+        return
+    if stream is None:
+        click.echo(" ".join(map(str, out.token_ids)))
+    else:
+        click.echo()
+    m = out.metrics
+    click.echo(
+        f"{m.new_tokens} tokens in {m.total_seconds:.2f} s ({m.tokens_per_second:.1f} tok/s); "
+        f"mean accepted length {m.mean_accepted_length:.2f}; {m.target_forwards} target forwards, "
+        f"{m.draft_forwards} draft forwards",
+        err=True,
+    )
+
+
+class _TextStream:
+    """Prints the text of each new block as it arrives (decoding the whole output each time keeps
+    multi-token characters intact)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, block: list[int]) -> None:
+        self.tokens.extend(block)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            return
+        click.echo(text[self.printed :], nl=False)
+        sys.stdout.flush()
+        self.printed = len(text)
+
+
+def _parse_ids(value: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers", param_hint="--prompt-ids")
+
+
+@cli.group()
+def config():
+    """Inspect configs."""
+
+
+@config.command("show")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
+def config_show(path, overrides):
+    """Print the resolved config of PATH, defaults included."""
+    import yaml
+
+    from specdec.config import load_config
+
+    click.echo(yaml.safe_dump(load_config(path, list(overrides)).to_dict(), sort_keys=False), nl=False)
+
+
+@config.command("schema")
+def config_schema():
+    """Print the JSON schema of configs (every registered strategy and backend)."""
+    from specdec.schema import config_schema as build
+
+    click.echo(json.dumps(build(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        from specdec.plugins import get_plugin_manager
+
+        get_plugin_manager().hook.register_commands(cli=cli)
+        cli.main(args=args, prog_name="specdec", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except SpecdecError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,118 @@
+"""The draft-then-verify loop (DESIGN.md section 3).
+
+One step: the strategy drafts a tree rooted at the newest emitted token; the target scores every
+node in one forward under the tree's ancestor mask; the verifier keeps the longest valid path plus
+a bonus token; both caches commit that path; stop conditions are checked token by token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from specdec.backends.base import Backend
+from specdec.metrics import GenerationMetrics, StepStats
+from specdec.sampling import Random, Warp, warp_probs
+from specdec.stopping import Stopper
+from specdec.strategies.base import DraftContext, Strategy
+from specdec.tree import DraftTree, Verdict, ancestor_mask
+from specdec.verify import verify_greedy, verify_sampling
+
+
+def speculative_decode(
+    target: Backend,
+    draft: Backend | None,
+    strategy: Strategy,
+    prompt: list[int],
+    warp: Warp,
+    stopper: Stopper,
+    rng: Random,
+    on_tokens: Callable[[list[int]], None] | None = None,
+    on_step: Callable[[StepStats], None] | None = None,
+) -> tuple[list[int], GenerationMetrics]:
+    """Generate from `prompt` -> (new token ids, metrics). Lossless: greedy output equals the
+    target's own greedy decoding; sampled output follows the target's distribution.
+    `on_tokens` receives each block of emitted tokens (for streaming), `on_step` each StepStats."""
+    metrics, start = GenerationMetrics(), time.perf_counter()
+    first = _prefill(target, draft, strategy, prompt, warp, rng)
+    metrics.prefill_seconds = time.perf_counter() - start
+    generated: list[int] = []
+    done = stopper.extend(generated, [first])
+    if on_tokens is not None:
+        on_tokens(list(generated))
+    tokens = prompt + generated  # the draft context; grows by each step's emitted block
+    while not done:
+        ctx = DraftContext(tokens, len(prompt), _max_depth(target, draft, stopper, tokens, generated), warp, rng)
+        t0, draft_calls = time.perf_counter(), draft.forward_calls if draft else 0
+        tree = strategy.propose(draft, ctx)
+        t1 = time.perf_counter()
+        verdict = _verify(target, tree, warp, rng)
+        t2 = time.perf_counter()
+        target.commit(verdict.path)
+        if draft is not None:
+            _commit_draft(draft, tree, verdict.path)
+        strategy.update(verdict, tree)
+        block = tree.tokens[verdict.path[1:]].tolist() + [verdict.bonus_token]
+        emitted_before = len(generated)
+        done = stopper.extend(generated, block)
+        tokens.extend(generated[emitted_before:])
+        stats = StepStats(
+            drafted_nodes=len(tree) - 1, tree_depth=tree.depth, accepted=verdict.num_accepted,
+            draft_forwards=(draft.forward_calls - draft_calls) if draft else 0,
+            draft_seconds=t1 - t0, verify_seconds=t2 - t1, other_seconds=time.perf_counter() - t2,
+        )
+        metrics.add(stats)
+        if on_tokens is not None:
+            on_tokens(generated[emitted_before:])
+        if on_step is not None:
+            on_step(stats)
+    metrics.target_forwards += 1  # the prefill
+    metrics.new_tokens = len(generated)
+    metrics.total_seconds = time.perf_counter() - start
+    return generated, metrics
+
+
+def _prefill(target, draft, strategy, prompt, warp, rng) -> int:
+    """Reset everything, fill both caches with the prompt, and choose the first new token."""
+    strategy.reset()
+    ids = torch.tensor([prompt], dtype=torch.long)
+    target.reset()
+    logits = target.prefill(ids)[0]  # [V]
+    if draft is not None:
+        draft.reset()
+        draft.prefill(ids)
+    return int(logits.argmax()) if warp.greedy else rng.sample(warp_probs(logits, warp))
+
+
+def _max_depth(target, draft, stopper, tokens, generated) -> int:
+    """Deepest draft node worth verifying: no deeper than the tokens still wanted, and every node
+    position (len(tokens) - 1 + depth) inside both models' context."""
+    limits = [stopper.max_new_tokens - len(generated) - 1, target.max_length - len(tokens)]
+    if draft is not None:
+        limits.append(draft.max_length - len(tokens))
+    return max(0, min(limits))
+
+
+def _verify(target: Backend, tree: DraftTree, warp: Warp, rng: Random) -> Verdict:
+    positions = target.committed_len + tree.depths  # [N]
+    logits = target.forward(tree.tokens[None], positions[None], ancestor_mask(tree.parents)[None])[0]
+    if warp.greedy:
+        return verify_greedy(tree, logits)
+    return verify_sampling(tree, warp_probs(logits, warp), rng)
+
+
+def _commit_draft(draft: Backend, tree: DraftTree, path: list[int]) -> None:
+    """Commit the lag tokens, the root and the accepted nodes whose draft KV is valid; the first
+    accepted node without one (and the bonus token) stay behind, to be fed next step."""
+    kv = tree.draft_kv
+    if kv is None or kv[0] < 0:
+        draft.rollback()
+        return
+    keep = list(range(kv[0] + 1))
+    for node in path[1:]:
+        if kv[node] < 0:
+            break
+        keep.append(kv[node])
+    draft.commit(keep)

@@ -1,0 +1,132 @@
+"""`SpeculativeDecoder`: the Python API around the loop (models, strategy, generation settings)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from specdec import plugins
+from specdec.backends.base import Backend
+from specdec.config import Config, GenerationOptions, ModelSpec, load_config
+from specdec.decode import speculative_decode
+from specdec.errors import SpecdecError
+from specdec.metrics import GenerationMetrics, StepStats
+from specdec.models import load_tokenizer
+from specdec.sampling import Random, Warp
+from specdec.stopping import Stopper
+from specdec.strategies.base import Strategy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[int]  # new tokens only
+    text: str | None  # decoded new tokens, when a tokenizer exists
+    metrics: GenerationMetrics
+
+
+class SpeculativeDecoder:
+    def __init__(
+        self,
+        target: Backend,
+        draft: Backend | None,
+        strategy: Strategy,
+        generation: GenerationOptions | None = None,
+        tokenizer=None,
+    ):
+        if strategy.needs_draft and draft is None:
+            raise SpecdecError(f"strategy {strategy.name!r} needs a draft model")
+        if draft is not None and draft.vocab_size != target.vocab_size:
+            raise SpecdecError(
+                f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} "
+                "tokens); speculative decoding needs a draft that shares the target's tokenizer"
+            )
+        self.target, self.draft, self.strategy = target, draft, strategy
+        self.generation = generation or GenerationOptions()
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_config(cls, config: Config | str | Path, target=None, draft=None, tokenizer=None) -> SpeculativeDecoder:
+        """Build from a Config (or a YAML path). `target` / `draft` may be already-loaded models
+        (a `Backend`, or a `transformers` model, wrapped in the PyTorch backend); then the config's
+        entries for them are not loaded."""
+        if not isinstance(config, Config):
+            config = load_config(config)
+        target_backend = _as_backend(target) if target is not None else _load(config.target)
+        draft_backend = None
+        if draft is not None:
+            draft_backend = _as_backend(draft)
+        elif config.draft is not None:
+            draft_backend = _load(config.draft)
+        component = plugins.get_strategy(config.strategy.name)
+        if tokenizer is None and target is None:
+            tokenizer = load_tokenizer(config.target.model)
+        return cls(target_backend, draft_backend, component.cls(config.strategy.options), config.generation, tokenizer)
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        on_tokens: Callable[[list[int]], None] | None = None,
+        on_step: Callable[[StepStats], None] | None = None,
+        **generation: object,
+    ) -> GenerationOutput:
+        """Generate a continuation of `prompt` (text, or token ids). Keyword arguments override
+        the config's `generation` section for this call (max_new_tokens, temperature, seed, ...)."""
+        try:
+            settings = self.generation.model_copy(update=generation)
+            settings = GenerationOptions.model_validate(settings.model_dump())
+        except Exception as exc:
+            raise SpecdecError(f"bad generation option: {exc}") from None
+        prompt_ids = self._encode(prompt)
+        self._check_budget(len(prompt_ids), settings.max_new_tokens)
+        eos = frozenset() if settings.ignore_eos else self.target.eos_token_ids
+        stopper = Stopper(settings.max_new_tokens, eos, settings.stop, self.tokenizer)
+        warp = Warp(settings.temperature, settings.top_k, settings.top_p)
+        token_ids, metrics = speculative_decode(
+            self.target, self.draft, self.strategy, prompt_ids, warp, stopper,
+            Random(settings.seed), on_tokens=on_tokens, on_step=on_step,
+        )
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else None
+        return GenerationOutput(token_ids, text, metrics)
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise SpecdecError("the target model has no tokenizer; pass token ids (--prompt-ids 1,2,3)")
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise SpecdecError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.target.vocab_size]
+        if bad:
+            raise SpecdecError(f"prompt token {bad[0]} is outside the vocabulary (0..{self.target.vocab_size - 1})")
+        return ids
+
+    def _check_budget(self, prompt_len: int, max_new_tokens: int) -> None:
+        models = [("target", self.target)] + ([("draft", self.draft)] if self.draft else [])
+        name, limit = min(((n, m.max_length) for n, m in models), key=lambda item: item[1])
+        if prompt_len >= limit:
+            raise SpecdecError(f"the prompt is {prompt_len} tokens, longer than the {name}'s context of {limit}")
+        if prompt_len + max_new_tokens > limit:
+            raise SpecdecError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the {name}'s "
+                f"context of {limit}; lower max_new_tokens to at most {limit - prompt_len}"
+            )
+
+
+def _load(spec: ModelSpec) -> Backend:
+    component = plugins.get_backend(spec.backend)
+    logger.info("loading %s with the %s backend", spec.model, spec.backend)
+    return component.cls.load(spec.model, spec.options)
+
+
+def _as_backend(model) -> Backend:
+    if isinstance(model, Backend):
+        return model
+    from specdec.backends.pytorch import PyTorchBackend
+
+    return PyTorchBackend(model)

@@ -1,0 +1,143 @@
+"""The strategy interface and `TreeDrafter`, the shared way to grow a draft tree with a draft model.
+
+A strategy proposes a DraftTree rooted at the newest emitted token and may adapt after each
+verdict. The draft's cache may lag the emitted text by a few tokens (an accepted leaf that was
+never fed, the bonus token); `TreeDrafter.start` feeds them in the same forward as the root.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from specdec.backends.base import Backend
+from specdec.sampling import Random, Warp, warp_probs
+from specdec.tree import DraftTree, Verdict
+
+
+class StrategyOptions(BaseModel):
+    """Base of every strategy's options model (the only source of its defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class DraftContext:
+    """What a strategy may read when proposing."""
+
+    tokens: list[int]  # prompt + emitted so far; tokens[-1] is the root
+    prompt_len: int
+    max_depth: int  # deepest node allowed this step (budget and context limit)
+    warp: Warp
+    rng: Random
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+    Options: ClassVar[type[StrategyOptions]]
+    needs_draft: ClassVar[bool] = True
+
+    def __init__(self, options: StrategyOptions):
+        self.options = options
+
+    def reset(self) -> None:
+        """Called before each generation: forget adaptive state."""
+
+    @abstractmethod
+    def propose(self, draft: Backend | None, ctx: DraftContext) -> DraftTree:
+        """Draft a tree whose node 0 is ctx.tokens[-1] and whose depth is <= ctx.max_depth."""
+
+    def update(self, verdict: Verdict, tree: DraftTree) -> None:
+        """Feedback after verification (e.g. adapt the draft length)."""
+
+
+class TreeDrafter:
+    """Grows a DraftTree while feeding its nodes to the draft backend under a tree mask.
+
+    Draft pending layout for one step: the lag tokens (the root last) in `start`, then the nodes of
+    each `feed` call in order. `draft_kv[node]` records where each fed node's KV lives.
+
+    Example (chain of 3 with a lag of one accepted leaf `a`):
+        start()      feeds [a, root]   -> pending 0, 1; returns the root's draft logits
+        feed([n1])   feeds [n1]        -> pending 2; n1 attends to a, root, n1
+        feed([n2])   feeds [n2]        -> pending 3; the leaf n3 is never fed
+    """
+
+    def __init__(self, draft: Backend, ctx: DraftContext):
+        self.draft = draft
+        self.ctx = ctx
+        self.greedy = ctx.warp.greedy
+        self.tokens = [ctx.tokens[-1]]
+        self.parents = [-1]
+        self.depths = [0]
+        self.draft_kv = [-1]
+        self.proposals: dict[int, torch.Tensor] = {}  # node -> [V] draft_probs of its children
+        self._lag = 0
+
+    def start(self) -> torch.Tensor:
+        """Feed the tokens the draft has not seen, ending with the root -> root logits [V]."""
+        committed = self.draft.committed_len
+        lag = self.ctx.tokens[committed:]
+        ids = torch.tensor([lag], dtype=torch.long)
+        positions = torch.arange(committed, committed + len(lag))[None]
+        causal = torch.ones(len(lag), len(lag), dtype=torch.bool).tril_()[None]
+        logits = self.draft.forward(ids, positions, causal)[0]  # [L, V]
+        self._lag = len(lag) - 1
+        self.draft_kv[0] = self._lag
+        return logits[-1]
+
+    def add(self, parent: int, token: int) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(self.depths[parent] + 1)
+        self.draft_kv.append(-1)
+        return len(self.tokens) - 1
+
+    def feed(self, nodes: list[int]) -> torch.Tensor:
+        """Run the draft over `nodes` (their ancestors fed earlier or in this call) -> [Q, V]."""
+        existing = self.draft.pending_len
+        for j, node in enumerate(nodes):
+            self.draft_kv[node] = existing + j
+        mask = torch.zeros(len(nodes), existing + len(nodes), dtype=torch.bool)
+        mask[:, : self._lag] = True  # lag tokens precede the root: ancestors of every node
+        for row, node in enumerate(nodes):
+            while node >= 0:
+                if self.draft_kv[node] < 0:
+                    raise RuntimeError(f"draft node {node} fed before its ancestor")
+                mask[row, self.draft_kv[node]] = True
+                node = self.parents[node]
+        root_position = len(self.ctx.tokens) - 1
+        ids = torch.tensor([[self.tokens[n] for n in nodes]], dtype=torch.long)
+        positions = torch.tensor([[root_position + self.depths[n] for n in nodes]])
+        return self.draft.forward(ids, positions, mask[None])[0]
+
+    def expand(self, node: int, logits: torch.Tensor, count: int) -> list[int]:
+        """Add up to `count` distinct children of `node` chosen from its draft logits [V]:
+        top-k when greedy, sampled without replacement (and recorded) otherwise."""
+        if self.greedy:
+            chosen = torch.topk(logits, count).indices.tolist()
+        else:
+            probs = warp_probs(logits, self.ctx.warp)
+            self.proposals[node] = probs
+            chosen = self.ctx.rng.sample_without_replacement(probs, count)
+        return [self.add(node, token) for token in chosen]
+
+    def tree(self) -> DraftTree:
+        draft_probs = None
+        if self.proposals:
+            vocab = next(iter(self.proposals.values())).shape[-1]
+            draft_probs = torch.zeros(len(self.tokens), vocab)
+            for node, probs in self.proposals.items():
+                draft_probs[node] = probs
+        return DraftTree(
+            tokens=torch.tensor(self.tokens, dtype=torch.long),
+            parents=torch.tensor(self.parents, dtype=torch.long),
+            depths=torch.tensor(self.depths, dtype=torch.long),
+            mode="deterministic" if self.greedy else "without_replacement",
+            draft_probs=draft_probs,
+            draft_kv=self.draft_kv,
+        )
