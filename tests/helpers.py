@@ -1,0 +1,30 @@
+"""Building decoders over in-memory models, and the target's own greedy decoding."""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.backends.pytorch import PyTorchBackend
+from specdec.config import GenerationOptions
+from specdec.decoder import SpeculativeDecoder
+from specdec.plugins import get_strategy
+
+
+def make_decoder(target_model, draft_model, strategy: str = "chain", tokenizer=None, **options) -> SpeculativeDecoder:
+    component = get_strategy(strategy)
+    return SpeculativeDecoder(
+        PyTorchBackend(target_model),
+        PyTorchBackend(draft_model) if draft_model is not None else None,
+        component.cls(component.cls.Options(**options)),
+        GenerationOptions(),
+        tokenizer,
+    )
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=0,
+        )
+    return out[0, len(prompt):].tolist()

@@ -1,0 +1,47 @@
+"""Greedy speculative output is token-identical to the target's own greedy decoding."""
+
+import pytest
+
+from helpers import hf_greedy, make_decoder
+from tiny_models import ARCHS
+
+NEW_TOKENS = 211  # 1 token from the prefill + 42 full steps of k + 1 = 5 with k = 4
+PROMPT = [3, 17, 42, 8, 60, 5, 5, 21]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("draft", ["same", "random", "perturbed"])
+def test_chain_greedy_matches_target_generate(arch, draft, models, drafts):
+    target = models(arch, 0)
+    drafter = drafts(arch, draft)
+    decoder = make_decoder(target, drafter, "chain", k=4)
+    out = decoder.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+    expected = hf_greedy(target, PROMPT, NEW_TOKENS)
+    assert out.token_ids == expected
+    m = out.metrics
+    assert m.new_tokens == NEW_TOKENS
+    assert m.target_forwards == m.steps + 1
+    if draft == "same":
+        assert m.mean_accepted_length == 5.0  # everything accepted: tau = k + 1
+        assert m.target_forwards == 1 + (NEW_TOKENS - 1) // 5
+    elif draft == "random":
+        assert m.mean_accepted_length < 1.5  # little accepted, output still exact
+    else:
+        assert 1.3 < m.mean_accepted_length < 4.5  # partial acceptance: lagging draft cache exercised
+    assert len(set(expected)) > 10, "degenerate reference output makes the check weak"
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_adaptive_k_stays_lossless(adaptive, models):
+    target, drafter = models("llama", 0), models("llama", 1)
+    decoder = make_decoder(target, drafter, "chain", k=3, adaptive=adaptive, min_k=1, max_k=8)
+    out = decoder.generate(PROMPT, max_new_tokens=120)
+    assert out.token_ids == hf_greedy(target, PROMPT, 120)
+
+
+def test_adaptive_k_grows_on_full_acceptance(models):
+    target = models("llama", 0)
+    decoder = make_decoder(target, target, "chain", k=2, adaptive=True, min_k=1, max_k=6)
+    out = decoder.generate(PROMPT, max_new_tokens=60)
+    assert out.metrics.reached_depth[5] > 0 and len(out.metrics.reached_depth) == 6  # grew to max_k, no further
+    assert out.token_ids == hf_greedy(target, PROMPT, 60)
