@@ -25,8 +25,9 @@ class Warp:
 
 
 def warp_probs(logits: torch.Tensor, warp: Warp) -> torch.Tensor:
-    """[..., V] logits -> [..., V] float32 probabilities after temperature, top-k and top-p."""
-    scores = logits.float() / warp.temperature
+    """[..., V] logits -> [..., V] probabilities (float32, or float64 for float64 logits) after
+    temperature, top-k and top-p."""
+    scores = logits.to(torch.promote_types(logits.dtype, torch.float32)) / warp.temperature
     if warp.top_k > 0 and warp.top_k < scores.shape[-1]:
         kth = torch.topk(scores, warp.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))

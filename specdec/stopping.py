@@ -3,6 +3,8 @@ max_new_tokens. A block may overshoot a stop; nothing after the stopping token i
 
 from __future__ import annotations
 
+from specdec.errors import SpecdecError
+
 
 class Stopper:
     def __init__(
@@ -13,7 +15,7 @@ class Stopper:
         tokenizer=None,
     ):
         if stop and tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; the model has none")
+            raise SpecdecError("stop strings need a tokenizer; the target model has none")
         self.max_new_tokens = max_new_tokens
         self.eos_token_ids = eos_token_ids
         self.stop = tuple(stop)
