@@ -127,7 +127,7 @@ def resolve(raw: dict, source: str = "<config>", base_dir: Path | None = None) -
     draft = _model_spec(raw["draft"], "draft", source, base_dir) if raw.get("draft") is not None else None
     strategy_raw = _section(raw.get("strategy", {}), "strategy", source)
     name = strategy_raw.pop("name", DEFAULT_STRATEGY)
-    component = plugins.get_strategy(str(name))
+    component = _component(plugins.get_strategy, name, f"{source}: strategy.name")
     options = _validate(component.cls.Options, strategy_raw, "strategy", source)
     if component.cls.needs_draft and draft is None:
         raise SpecdecError(f"{source}: strategy {name!r} needs a draft model; add a `draft:` section")
@@ -145,9 +145,16 @@ def _model_spec(value: Any, section: str, source: str, base_dir: Path) -> ModelS
     if not isinstance(model, str) or not model:
         raise SpecdecError(f"{source}: {section}.model is required (a local path or a hub id)")
     backend = str(raw.pop("backend", DEFAULT_BACKEND))
-    component = plugins.get_backend(backend)
+    component = _component(plugins.get_backend, backend, f"{source}: {section}.backend")
     options = _validate(component.cls.Options, raw, section, source)
     return ModelSpec(_resolve_model_path(model, base_dir), backend, options)
+
+
+def _component(lookup, name, where: str):
+    try:
+        return lookup(str(name))
+    except SpecdecError as exc:
+        raise SpecdecError(f"{where}: {exc}") from None
 
 
 def _resolve_model_path(model: str, base_dir: Path) -> str:

@@ -56,7 +56,7 @@ class Component:
 def _collect(hook_name: str, kind: str) -> dict[str, Component]:
     pm = get_plugin_manager()
     found: dict[str, Component] = {}
-    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):  # registration order
+    for impl in getattr(pm.hook, hook_name).get_hookimpls():  # in registration order
 
         def register(cls, _plugin=impl.plugin_name):
             name = getattr(cls, "name", None)

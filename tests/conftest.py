@@ -28,3 +28,36 @@ def drafts():
 def models():
     """models(arch, seed) -> a cached tiny model (do not mutate it)."""
     return cached_model
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Tiny target / draft / other-vocabulary draft saved as Hugging Face model folders."""
+    from tiny_models import tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    cached_model("llama", 0).save_pretrained(root / "target")
+    cached_model("llama", 1).save_pretrained(root / "draft")
+    tiny_model("llama", 1, vocab=80).save_pretrained(root / "other_vocab")
+    return root
+
+
+@pytest.fixture
+def write_config(tmp_path, model_dirs):
+    """write_config(**sections) -> path of a YAML config over the saved tiny models."""
+    import yaml
+
+    def write(**sections):
+        data = {
+            "target": {"model": str(model_dirs / "target")},
+            "draft": {"model": str(model_dirs / "draft")},
+            "strategy": {"name": "chain", "k": 3},
+            "generation": {"max_new_tokens": 20},
+        }
+        for name, value in sections.items():
+            data[name] = value
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write

@@ -1,0 +1,102 @@
+"""Plugin wiring: built-ins and third-party plugins go through one pluggy manager."""
+
+import pytest
+
+from specdec import hookimpl, plugins
+from specdec.cli import main
+from specdec.errors import SpecdecError
+from specdec.strategies.chain import ChainOptions, ChainStrategy
+
+FAKE_PLUGIN = '''
+import click
+from specdec import hookimpl
+from specdec.strategies.chain import ChainStrategy
+
+
+class EchoChain(ChainStrategy):
+    name = "echo_chain"
+
+
+@hookimpl
+def register_strategies(register):
+    register(EchoChain)
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.command()
+    def hello():
+        click.echo("hello from a plugin")
+'''
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugins():
+    plugins.reload_plugins()
+    yield
+    plugins.reload_plugins()
+
+
+@pytest.fixture
+def fake_distribution(tmp_path, monkeypatch):
+    """An installed distribution `fake-specdec-plugin` exposing a module under group `specdec`."""
+    (tmp_path / "fake_specdec_plugin.py").write_text(FAKE_PLUGIN)
+    info = tmp_path / "fake_specdec_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-specdec-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[specdec]\nfake = fake_specdec_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("SPECDEC_LOAD_PLUGINS", raising=False)
+
+
+def test_builtins_are_registered_through_the_manager():
+    pm = plugins.get_plugin_manager()
+    assert {"specdec.strategies", "specdec.backends"} <= {pm.get_name(p) for p in pm.get_plugins()}
+    assert plugins.get_strategy("chain").plugin == "specdec.strategies"
+    assert plugins.get_backend("pytorch").plugin == "specdec.backends"
+
+
+def test_entry_point_plugin_adds_a_strategy_and_a_command(fake_distribution, capsys):
+    assert plugins.get_strategy("echo_chain").plugin == "fake-specdec-plugin"
+    main(["hello"])  # returns on success (exit status 0)
+    assert capsys.readouterr().out == "hello from a plugin\n"
+
+
+@pytest.mark.parametrize("allow, loaded", [("", False), ("other-dist", False), ("fake-specdec-plugin", True)])
+def test_allow_list_decides_which_plugins_load(fake_distribution, monkeypatch, allow, loaded):
+    monkeypatch.setenv("SPECDEC_LOAD_PLUGINS", allow)
+    assert ("echo_chain" in plugins.strategies()) == loaded
+    assert "chain" in plugins.strategies()  # built-ins always load
+
+
+class Duplicate:
+    @hookimpl
+    def register_strategies(self, register):
+        register(ChainStrategy)
+
+
+class Broken:
+    @hookimpl
+    def register_strategies(self, register):
+        raise RuntimeError("boom")
+
+
+def test_a_name_registered_twice_names_both_plugins():
+    plugins.get_plugin_manager().register(Duplicate(), name="dup-plugin")
+    with pytest.raises(SpecdecError, match="strategy 'chain' is registered twice, by 'specdec.strategies' and 'dup-plugin'"):
+        plugins.strategies()
+
+
+def test_a_plugin_raising_in_a_hook_is_named():
+    plugins.get_plugin_manager().register(Broken(), name="broken-plugin")
+    with pytest.raises(SpecdecError, match="plugin 'broken-plugin' failed in register_strategies: boom"):
+        plugins.strategies()
+
+
+def test_plugin_options_are_validated_by_the_plugins_model(fake_distribution):
+    from specdec.config import resolve
+
+    raw = {"target": {"model": "t"}, "draft": {"model": "d"}, "strategy": {"name": "echo_chain", "k": 0}}
+    with pytest.raises(SpecdecError, match="strategy.k: Input should be greater than or equal to 1"):
+        resolve(raw)
+    assert resolve({**raw, "strategy": {"name": "echo_chain"}}).strategy.options == ChainOptions()
