@@ -150,7 +150,7 @@ class _BufferLayer(CacheLayerMixin):
         capacity = self._keys.shape[-2]
         if needed <= capacity:
             return
-        capacity = max(needed, 2 * capacity, 256)
+        capacity = max(2 * capacity, needed + 256)  # headroom: a prefill is followed by steps
         for name in ("_keys", "_values"):
             old = getattr(self, name)
             new = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
