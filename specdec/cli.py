@@ -19,10 +19,13 @@ OVERRIDE_HELP = "override a config key, e.g. -o strategy.k=6 (repeatable)"
 def cli(debug: bool) -> None:
     """Lossless speculative decoding with pluggable strategies and backends."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not debug:
+    if not debug:  # our own one-line errors say what failed; keep library chatter out
+        from huggingface_hub.utils import logging as hub_logging
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        hub_logging.set_verbosity_error()
 
 
 @cli.command()

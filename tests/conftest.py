@@ -1,4 +1,7 @@
 import functools
+import runpy
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +64,13 @@ def write_config(tmp_path, model_dirs):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def repo_mirror(tmp_path_factory):
+    """configs/ plus the small model pair (with a tokenizer) that the README's run command builds."""
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path_factory.mktemp("repo")
+    shutil.copytree(repo / "configs", root / "configs")
+    runpy.run_path(str(repo / "scripts" / "make_tiny_pair.py"))["main"](root / "models" / "tiny")
+    return root

@@ -1,6 +1,7 @@
 """The command line: run, --json, config show/schema, and one-line errors for bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -97,3 +98,18 @@ def test_entry_point_error_has_no_traceback_unless_debug(write_config):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     debug = subprocess.run(args[:3] + ["--debug"] + args[3:], capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_run_streams_text_equal_to_the_json_text(capsys, repo_mirror, monkeypatch):
+    monkeypatch.chdir(repo_mirror)
+    args = ["run", "configs/quickstart.yaml", "--prompt", "def fib(n):", "--max-new-tokens", "30"]
+    _, streamed, _ = run_cli(capsys, *args)
+    _, as_json, _ = run_cli(capsys, *args, "--json")
+    assert streamed == json.loads(as_json)["text"] + "\n"
+
+
+def test_unreachable_hub_id_is_one_line(write_config):
+    args = [sys.executable, "-m", "specdec", "run", str(write_config()), "--prompt-ids", "1", "-o", "target.model=nobody/nomodel"]
+    result = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: could not load model 'nobody/nomodel'") and result.stderr.count("\n") == 1

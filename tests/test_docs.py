@@ -2,8 +2,6 @@
 
 import inspect
 import re
-import runpy
-import shutil
 from pathlib import Path
 
 import click
@@ -54,15 +52,6 @@ def test_every_hook_is_documented_with_its_signature():
     for name, spec in inspect.getmembers(hookspecs, inspect.isfunction):
         signature = ", ".join(inspect.signature(spec).parameters)
         assert f"### {name}({signature})" in text
-
-
-@pytest.fixture(scope="module")
-def repo_mirror(tmp_path_factory):
-    """configs/ plus the tiny model pair that the README's run command builds."""
-    root = tmp_path_factory.mktemp("repo")
-    shutil.copytree(ROOT / "configs", root / "configs")
-    runpy.run_path(str(ROOT / "scripts" / "make_tiny_pair.py"))["main"](root / "models" / "tiny")
-    return root
 
 
 @pytest.mark.parametrize(

@@ -45,3 +45,15 @@ def test_adaptive_k_grows_on_full_acceptance(models):
     out = decoder.generate(PROMPT, max_new_tokens=60)
     assert out.metrics.reached_depth[5] > 0 and len(out.metrics.reached_depth) == 6  # grew to max_k, no further
     assert out.token_ids == hf_greedy(target, PROMPT, 60)
+
+
+def test_from_config_accepts_already_loaded_models(models):
+    import specdec
+    from specdec.backends.pytorch import PyTorchBackend
+
+    target = models("gpt2", 0)
+    cfg = specdec.load_config(data={"target": {"model": "unused"}, "draft": {"model": "unused"}, "strategy": {"k": 3}})
+    for draft in (target, PyTorchBackend(target)):  # a transformers model, or a backend
+        decoder = specdec.SpeculativeDecoder.from_config(cfg, target=target, draft=draft)
+        out = decoder.generate(PROMPT, max_new_tokens=41)  # the prefill's token + 10 steps of k + 1
+        assert out.token_ids == hf_greedy(target, PROMPT, 41) and out.metrics.mean_accepted_length == 4.0

@@ -12,7 +12,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.backends.base import Backend, BackendOptions
 from specdec.errors import SpecdecError
-from specdec.models import check_model_source, context_limit
+from specdec.models import check_model_source, context_limit, looks_like_path
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ class PyTorchBackend(Backend):
             hf_model = AutoModelForCausalLM.from_pretrained(model, **kwargs)
         except (OSError, ValueError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SpecdecError(f"could not load model {model!r}: {first_line}") from exc
+            hint = "" if looks_like_path(model) else " (a hub id: check the name and the network; HF_HUB_OFFLINE=1 uses only the local cache)"
+            raise SpecdecError(f"could not load model {model!r}: {first_line}{hint}") from exc
         if not options.device_map:
             hf_model = hf_model.to(options.device)
         return cls(hf_model)
