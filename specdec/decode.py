@@ -60,6 +60,8 @@ def speculative_decode(
         tokens.extend(generated[emitted_before:])
         stats = StepStats(
             drafted_nodes=len(tree) - 1, tree_depth=tree.depth, accepted=verdict.num_accepted,
+            dag_nodes=len(set(tree.dag_node.tolist())) - 1 if tree.dag_node is not None else len(tree) - 1,
+            merged_hits=sum(tree.merged[n] for n in verdict.path[1:]) if tree.merged else 0,
             draft_forwards=(draft.forward_calls - draft_calls) if draft else 0,
             draft_seconds=t1 - t0, verify_seconds=t2 - t1, other_seconds=time.perf_counter() - t2,
         )

@@ -20,6 +20,8 @@ class StepStats:
     draft_seconds: float
     verify_seconds: float
     other_seconds: float
+    dag_nodes: int = 0  # distinct draft nodes drafted (< drafted_nodes when a DAG was unrolled)
+    merged_hits: int = 0  # accepted tokens reached through a merged DAG edge
 
 
 @dataclass
@@ -30,6 +32,8 @@ class GenerationMetrics:
     steps: int = 0
     accepted_tokens: int = 0
     drafted_nodes: int = 0
+    dag_nodes: int = 0
+    merged_hits: int = 0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -44,6 +48,8 @@ class GenerationMetrics:
         self.draft_forwards += step.draft_forwards
         self.accepted_tokens += step.accepted
         self.drafted_nodes += step.drafted_nodes
+        self.dag_nodes += step.dag_nodes
+        self.merged_hits += step.merged_hits
         self.draft_seconds += step.draft_seconds
         self.verify_seconds += step.verify_seconds
         self.other_seconds += step.other_seconds
@@ -59,6 +65,11 @@ class GenerationMetrics:
         return (self.accepted_tokens + self.steps) / self.steps if self.steps else 0.0
 
     @property
+    def merged_share(self) -> float:
+        """Share of accepted tokens that came through merged DAG nodes (GSD)."""
+        return self.merged_hits / self.accepted_tokens if self.accepted_tokens else 0.0
+
+    @property
     def acceptance_by_depth(self) -> list[float]:
         return [a / r if r else 0.0 for a, r in zip(self.accepted_depth, self.reached_depth)]
 
@@ -71,6 +82,7 @@ class GenerationMetrics:
         out.update(
             mean_accepted_length=self.mean_accepted_length,
             acceptance_by_depth=self.acceptance_by_depth,
+            merged_share=self.merged_share,
             tokens_per_second=self.tokens_per_second,
         )
         return out

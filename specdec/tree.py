@@ -36,6 +36,7 @@ class DraftTree:
     draft_probs: torch.Tensor | None = None  # [N, V] float
     draft_kv: list[int] | None = None  # [N]
     dag_node: torch.Tensor | None = None  # [N] int64 (GSD: DAG node each unrolled node came from)
+    merged: list[bool] | None = None  # [N] (GSD: node reached through a merged edge of the DAG)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -6,5 +6,9 @@ from specdec.hookspecs import hookimpl
 @hookimpl
 def register_strategies(register):
     from specdec.strategies.chain import ChainStrategy
+    from specdec.strategies.dyspec import DySpecStrategy
+    from specdec.strategies.gsd import GSDStrategy
+    from specdec.strategies.static_tree import StaticTreeStrategy
 
-    register(ChainStrategy)
+    for strategy in (ChainStrategy, StaticTreeStrategy, GSDStrategy, DySpecStrategy):
+        register(strategy)

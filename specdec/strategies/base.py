@@ -115,16 +115,31 @@ class TreeDrafter:
         positions = torch.tensor([[root_position + self.depths[n] for n in nodes]])
         return self.draft.forward(ids, positions, mask[None])[0]
 
+    def proposal(self, node: int, logits: torch.Tensor) -> torch.Tensor:
+        """Draft distribution [V] over `node`'s children: softmax when greedy; when sampling, the
+        warped distribution children are drawn from, recorded for verification."""
+        if self.greedy:
+            return logits.float().softmax(dim=-1)
+        probs = warp_probs(logits, self.ctx.warp)
+        self.proposals[node] = probs
+        return probs
+
     def expand(self, node: int, logits: torch.Tensor, count: int) -> list[int]:
         """Add up to `count` distinct children of `node` chosen from its draft logits [V]:
-        top-k when greedy, sampled without replacement (and recorded) otherwise."""
+        top-k when greedy, sampled without replacement otherwise."""
+        probs = self.proposal(node, logits)
         if self.greedy:
-            chosen = torch.topk(logits, count).indices.tolist()
+            chosen = torch.topk(probs, min(count, probs.shape[-1])).indices.tolist()
         else:
-            probs = warp_probs(logits, self.ctx.warp)
-            self.proposals[node] = probs
             chosen = self.ctx.rng.sample_without_replacement(probs, count)
         return [self.add(node, token) for token in chosen]
+
+    def draw(self, node: int, remaining: torch.Tensor) -> int:
+        """Add one more child of `node`: the most likely of `remaining` [V] (its proposal with the
+        children drawn so far zeroed) when greedy, a sample from it otherwise. Decide to draw
+        before drawing: a drawn child must never be discarded, or sampling is not lossless."""
+        token = int(remaining.argmax()) if self.greedy else self.ctx.rng.sample(remaining)
+        return self.add(node, token)
 
     def tree(self) -> DraftTree:
         draft_probs = None
