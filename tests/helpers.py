@@ -28,3 +28,24 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
             do_sample=False, pad_token_id=0,
         )
     return out[0, len(prompt):].tolist()
+
+
+def record_steps(decoder: SpeculativeDecoder) -> list:
+    """Record (tree, verdict) of every step by wrapping the strategy's feedback method."""
+    steps = []
+    update = decoder.strategy.update
+
+    def recording_update(verdict, tree):
+        steps.append((tree, verdict))
+        update(verdict, tree)
+
+    decoder.strategy.update = recording_update
+    return steps
+
+
+def first_child_depth(tree) -> int:
+    """Depth of the path that always takes a node's first child (the draft's top choice)."""
+    children, node, depth = tree.children(), 0, 0
+    while children[node]:
+        node, depth = children[node][0], depth + 1
+    return depth

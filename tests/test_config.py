@@ -38,7 +38,7 @@ def test_relative_model_paths_resolve_next_to_the_config(tmp_path, model_dirs):
         ({}, ["strategy.kk=3"], r"unknown key 'strategy.kk'; allowed: k, adaptive, min_k, max_k"),
         ({}, ["strategy.k=many"], r"strategy.k: Input should be a valid integer.*\(got 'many'\)"),
         ({}, ["strategy.k=0"], r"strategy.k: Input should be greater than or equal to 1"),
-        ({}, ["strategy.name=nope"], r"strategy.name: unknown strategy 'nope'; available: chain"),
+        ({}, ["strategy.name=nope"], r"strategy.name: unknown strategy 'nope'; available: chain, dyspec, gsd, static_tree"),
         ({}, ["target.backend=nope"], r"target.backend: unknown backend 'nope'; available: pytorch"),
         ({}, ["target.dtype=float8"], r"target.dtype: Input should be 'float32', 'float16', 'bfloat16' or 'auto'"),
         ({}, ["generation.top_p=1.5"], r"generation.top_p: Input should be less than or equal to 1"),
