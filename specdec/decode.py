@@ -17,7 +17,7 @@ from specdec.metrics import GenerationMetrics, StepStats
 from specdec.sampling import Random, Warp, warp_probs
 from specdec.stopping import Stopper
 from specdec.strategies.base import DraftContext, Strategy
-from specdec.tree import DraftTree, Verdict, ancestor_mask
+from specdec.tree import DraftTree, Verdict, ancestor_mask, chain_tree
 from specdec.verify import verify_greedy, verify_sampling
 
 
@@ -46,7 +46,7 @@ def speculative_decode(
     while not done:
         ctx = DraftContext(tokens, len(prompt), _max_depth(target, draft, stopper, tokens, generated), warp, rng)
         t0, draft_calls = time.perf_counter(), draft.forward_calls if draft else 0
-        tree = strategy.propose(draft, ctx)
+        tree = strategy.propose(draft, ctx) if ctx.max_depth > 0 else chain_tree([tokens[-1]])
         t1 = time.perf_counter()
         verdict = _verify(target, tree, warp, rng)
         t2 = time.perf_counter()

@@ -66,7 +66,7 @@ def test_gsd_unrolled_tree_respects_max_nodes(max_nodes):
     for tree, _ in steps:
         validate_tree(tree)
         assert len(tree) - 1 <= max_nodes
-        assert all(kv == -1 for kv, m in zip(tree.draft_kv, tree.merged or []) if m)
+        assert all(kv == -1 for kv, m in zip(tree.draft_kv or [], tree.merged or []) if m)
     if max_nodes >= 9:  # room for repeated tokens: merges must have happened
         assert any(any(t.merged or []) for t, _ in steps)
 

@@ -49,7 +49,7 @@ class Strategy(ABC):
 
     @abstractmethod
     def propose(self, draft: Backend | None, ctx: DraftContext) -> DraftTree:
-        """Draft a tree whose node 0 is ctx.tokens[-1] and whose depth is <= ctx.max_depth."""
+        """Draft a tree whose node 0 is ctx.tokens[-1] and whose depth is <= ctx.max_depth (>= 1)."""
 
     def update(self, verdict: Verdict, tree: DraftTree) -> None:
         """Feedback after verification (e.g. adapt the draft length)."""

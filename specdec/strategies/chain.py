@@ -36,8 +36,6 @@ class ChainStrategy(Strategy):
     def propose(self, draft: Backend, ctx: DraftContext) -> DraftTree:
         drafter = TreeDrafter(draft, ctx)
         length = min(self.k, ctx.max_depth)
-        if length == 0:
-            return drafter.tree()
         logits = drafter.start()
         node = 0
         for depth in range(1, length + 1):

@@ -84,8 +84,6 @@ class DySpecStrategy(Strategy):
         opts = self.options
         drafter = TreeDrafter(draft, ctx)
         max_depth = min(opts.max_depth, ctx.max_depth)
-        if max_depth == 0:
-            return drafter.tree()
         growth = _Growth(drafter, max_depth)
         growth.open(0, drafter.start())
         if opts.mode == "heap":

@@ -94,8 +94,6 @@ class GSDStrategy(Strategy):
         opts = self.options
         drafter = TreeDrafter(draft, ctx)
         max_depth = min(opts.max_depth, ctx.max_depth)
-        if max_depth == 0:
-            return drafter.tree()
         graph = _Graph(drafter, ctx.tokens, opts.redundancy_threshold)
         frontier = [(0, drafter.start())]
         for depth in range(1, max_depth + 1):

@@ -82,8 +82,6 @@ class StaticTreeStrategy(Strategy):
     def propose(self, draft: Backend, ctx: DraftContext) -> DraftTree:
         drafter = TreeDrafter(draft, ctx)
         depth = min(self.depth, ctx.max_depth)
-        if depth == 0:
-            return drafter.tree()
         frontier = {(): (0, drafter.start())}  # template path -> (tree node, draft logits [V])
         for level in range(1, depth + 1):
             grown: list[tuple[tuple[int, ...], int]] = []
