@@ -92,6 +92,39 @@ def _parse_ids(value: str) -> list[int]:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers", param_hint="--prompt-ids")
 
 
+@cli.command()
+@click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--prompts", type=click.Path(dir_okay=False), help="Spec-Bench question JSONL (default: benchmarks/prompts/code.jsonl)")
+@click.option("--baselines", default="ar,hf,hf-assisted,hf-prompt-lookup", show_default=True,
+              help="comma-separated baselines over the first config's models ('ar' is always run)")
+@click.option("--out", default="out/bench", show_default=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a key of every config; a list value sweeps it, e.g. -o strategy.max_nodes=[8,16,32]")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="timed repeats (the median is reported)")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="untimed runs per method first")
+@click.option("--max-new-tokens", type=click.IntRange(1), help="overrides generation.max_new_tokens")
+@click.option("--limit", type=click.IntRange(1), help="use only the first N prompts")
+def bench(configs, prompts, baselines, out, overrides, repeats, warmup, max_new_tokens, limit):
+    """Time CONFIGS against the baselines on a prompt set; write reports to --out."""
+    from pathlib import Path
+
+    from specdec.bench.report import markdown, summarise, write_outputs
+    from specdec.bench.runner import BenchSettings, run_bench
+
+    settings = BenchSettings(
+        list(configs), list(overrides), prompts, [b.strip() for b in baselines.split(",") if b.strip()],
+        repeats, warmup, max_new_tokens, limit,
+    )
+    result = run_bench(settings)
+    report = summarise(result)
+    write_outputs(result, report, Path(out))
+    click.echo(markdown(report), nl=False)
+    click.echo(f"wrote {out}/: results.jsonl, report.json, report.md, speedup.png, acceptance.png", err=True)
+    bad = [r["name"] for r in report["runs"] if r["outputs_match_ar"] is False]
+    if bad:
+        raise SpecdecError(f"greedy outputs differ from ar for: {', '.join(bad)} (see report.json)")
+
+
 @cli.group()
 def config():
     """Inspect configs."""

@@ -45,7 +45,7 @@ def speculative_decode(
     tokens = prompt + generated  # the draft context; grows by each step's emitted block
     while not done:
         ctx = DraftContext(tokens, len(prompt), _max_depth(target, draft, stopper, tokens, generated), warp, rng)
-        t0, draft_calls = time.perf_counter(), draft.forward_calls if draft else 0
+        t0, before = time.perf_counter(), _counters(target, draft)
         tree = strategy.propose(draft, ctx) if ctx.max_depth > 0 else chain_tree([tokens[-1]])
         t1 = time.perf_counter()
         verdict = _verify(target, tree, warp, rng)
@@ -58,13 +58,7 @@ def speculative_decode(
         emitted_before = len(generated)
         done = stopper.extend(generated, block)
         tokens.extend(generated[emitted_before:])
-        stats = StepStats(
-            drafted_nodes=len(tree) - 1, tree_depth=tree.depth, accepted=verdict.num_accepted,
-            dag_nodes=len(set(tree.dag_node.tolist())) - 1 if tree.dag_node is not None else len(tree) - 1,
-            merged_hits=sum(tree.merged[n] for n in verdict.path[1:]) if tree.merged else 0,
-            draft_forwards=(draft.forward_calls - draft_calls) if draft else 0,
-            draft_seconds=t1 - t0, verify_seconds=t2 - t1, other_seconds=time.perf_counter() - t2,
-        )
+        stats = _step_stats(tree, verdict, before, _counters(target, draft), (t0, t1, t2, time.perf_counter()))
         metrics.add(stats)
         if on_tokens is not None:
             on_tokens(generated[emitted_before:])
@@ -74,6 +68,30 @@ def speculative_decode(
     metrics.new_tokens = len(generated)
     metrics.total_seconds = time.perf_counter() - start
     return generated, metrics
+
+
+def _counters(target: Backend, draft: Backend | None) -> tuple[int, float, float]:
+    """(draft forwards, draft forward seconds, target forward seconds) so far."""
+    if draft is None:
+        return 0, 0.0, target.forward_seconds
+    return draft.forward_calls, draft.forward_seconds, target.forward_seconds
+
+
+def _step_stats(tree: DraftTree, verdict: Verdict, before, after, times) -> StepStats:
+    t0, t1, t2, t3 = times
+    return StepStats(
+        drafted_nodes=len(tree) - 1,
+        tree_depth=tree.depth,
+        accepted=verdict.num_accepted,
+        draft_forwards=after[0] - before[0],
+        draft_seconds=t1 - t0,
+        verify_seconds=t2 - t1,
+        other_seconds=t3 - t2,
+        draft_forward_seconds=after[1] - before[1],
+        target_forward_seconds=after[2] - before[2],
+        dag_nodes=len(set(tree.dag_node.tolist())) - 1 if tree.dag_node is not None else len(tree) - 1,
+        merged_hits=sum(tree.merged[n] for n in verdict.path[1:]) if tree.merged else 0,
+    )
 
 
 def _prefill(target, draft, strategy, prompt, warp, rng) -> int:

@@ -56,12 +56,12 @@ class SpeculativeDecoder:
         if not isinstance(config, Config):
             config = load_config(config)
         target_backend = _as_backend(target) if target is not None else _load(config.target)
-        draft_backend = None
-        if draft is not None:
-            draft_backend = _as_backend(draft)
-        elif config.draft is not None:
-            draft_backend = _load(config.draft)
         component = plugins.get_strategy(config.strategy.name)
+        draft_backend = None  # a configured draft is not loaded for a strategy that does not use it
+        if component.cls.needs_draft and draft is not None:
+            draft_backend = _as_backend(draft)
+        elif component.cls.needs_draft and config.draft is not None:
+            draft_backend = _load(config.draft)
         if tokenizer is None and target is None:
             tokenizer = load_tokenizer(config.target.model)
         return cls(target_backend, draft_backend, component.cls(config.strategy.options), config.generation, tokenizer)

@@ -17,9 +17,11 @@ class StepStats:
     tree_depth: int
     accepted: int  # accepted draft tokens (the bonus is not counted)
     draft_forwards: int
-    draft_seconds: float
-    verify_seconds: float
-    other_seconds: float
+    draft_seconds: float  # proposing: draft forwards and tree building
+    verify_seconds: float  # the target forward and the verification walk
+    other_seconds: float  # commits, stop checks, bookkeeping
+    draft_forward_seconds: float = 0.0  # inside the draft model's forwards
+    target_forward_seconds: float = 0.0  # inside the target model's forward
     dag_nodes: int = 0  # distinct draft nodes drafted (< drafted_nodes when a DAG was unrolled)
     merged_hits: int = 0  # accepted tokens reached through a merged DAG edge
 
@@ -38,6 +40,8 @@ class GenerationMetrics:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     other_seconds: float = 0.0
+    draft_forward_seconds: float = 0.0
+    target_forward_seconds: float = 0.0
     total_seconds: float = 0.0
     reached_depth: list[int] = field(default_factory=list)  # [d-1]: steps whose tree reached depth d
     accepted_depth: list[int] = field(default_factory=list)  # [d-1]: steps that accepted depth d
@@ -53,6 +57,8 @@ class GenerationMetrics:
         self.draft_seconds += step.draft_seconds
         self.verify_seconds += step.verify_seconds
         self.other_seconds += step.other_seconds
+        self.draft_forward_seconds += step.draft_forward_seconds
+        self.target_forward_seconds += step.target_forward_seconds
         _grow(self.reached_depth, step.tree_depth)
         _grow(self.accepted_depth, step.tree_depth)
         for depth in range(step.tree_depth):
@@ -63,6 +69,17 @@ class GenerationMetrics:
     @property
     def mean_accepted_length(self) -> float:
         return (self.accepted_tokens + self.steps) / self.steps if self.steps else 0.0
+
+    @property
+    def step_seconds(self) -> float:
+        return self.draft_seconds + self.verify_seconds + self.other_seconds
+
+    @property
+    def outside_forward_share(self) -> float:
+        """Share of step time spent outside model forwards (tree building, masks, verification,
+        commits, bookkeeping)."""
+        inside = self.draft_forward_seconds + self.target_forward_seconds
+        return 1.0 - inside / self.step_seconds if self.step_seconds > 0 else 0.0
 
     @property
     def merged_share(self) -> float:
@@ -83,6 +100,7 @@ class GenerationMetrics:
             mean_accepted_length=self.mean_accepted_length,
             acceptance_by_depth=self.acceptance_by_depth,
             merged_share=self.merged_share,
+            outside_forward_share=self.outside_forward_share,
             tokens_per_second=self.tokens_per_second,
         )
         return out

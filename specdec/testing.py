@@ -29,6 +29,7 @@ class TableBackend(Backend):
         self.device = torch.device("cpu")
         self.eos_token_ids = frozenset(eos_token_ids)
         self.forward_calls = 0
+        self.forward_seconds = 0.0
         self.committed: list[int] = []
         self.pending: list[tuple[int, ...]] = []  # each entry's full prefix, itself included
 

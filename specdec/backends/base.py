@@ -30,6 +30,7 @@ class Backend(ABC):
     device: torch.device
     eos_token_ids: frozenset[int] = frozenset()
     forward_calls: int = 0  # incremented by every `forward`; the loop reports draft forwards from it
+    forward_seconds: float = 0.0  # wall time spent in `forward`, device work included
 
     @classmethod
     @abstractmethod

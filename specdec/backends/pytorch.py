@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from typing import Literal
 
 import torch
@@ -88,9 +89,13 @@ class PyTorchBackend(Backend):
 
     @torch.inference_mode()
     def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
+        start = time.perf_counter()
         logits = self._run(input_ids, position_ids, mask, logits_to_keep=0)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # count the device work, not just the launch
         self._pending += input_ids.shape[1]
         self.forward_calls += 1
+        self.forward_seconds += time.perf_counter() - start
         return logits
 
     def _run(self, input_ids, position_ids, mask, logits_to_keep: int) -> torch.Tensor:

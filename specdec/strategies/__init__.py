@@ -5,10 +5,11 @@ from specdec.hookspecs import hookimpl
 
 @hookimpl
 def register_strategies(register):
+    from specdec.strategies.autoregressive import AutoregressiveStrategy
     from specdec.strategies.chain import ChainStrategy
     from specdec.strategies.dyspec import DySpecStrategy
     from specdec.strategies.gsd import GSDStrategy
     from specdec.strategies.static_tree import StaticTreeStrategy
 
-    for strategy in (ChainStrategy, StaticTreeStrategy, GSDStrategy, DySpecStrategy):
+    for strategy in (AutoregressiveStrategy, ChainStrategy, StaticTreeStrategy, GSDStrategy, DySpecStrategy):
         register(strategy)

@@ -1,0 +1,124 @@
+"""What `specdec bench` times: speculative configs (and their sweeps) and the baselines people
+would use instead (`ar`, `hf`, `hf-assisted`, `hf-prompt-lookup`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from specdec.config import Config, load_config, resolve
+from specdec.decoder import SpeculativeDecoder
+from specdec.errors import SpecdecError
+from specdec.metrics import GenerationMetrics
+
+BASELINES = ("ar", "hf", "hf-assisted", "hf-prompt-lookup")
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]
+    seconds: float
+    accept_lengths: list[int]  # tokens emitted per verification step
+    metrics: GenerationMetrics | None
+
+
+@dataclass
+class Method:
+    name: str
+    strategy: str
+    backend: str
+    generate: Callable[[list[int], int], Sample]  # (prompt ids, max_new_tokens) -> Sample
+
+
+def expand_sweeps(path: str, overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """`-o key=[a,b]` sweeps the key over a and b, unless the list is itself a valid value of the
+    key (e.g. strategy.branching=[4,2,2,1]). -> [(label, overrides)] for each combination."""
+    runs: list[tuple[str, list[str]]] = [("", [])]
+    for override in overrides:
+        key, _, value = override.partition("=")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = None  # load_config reports it
+        if isinstance(parsed, list) and parsed and not _valid(path, runs[0][1] + [override]):
+            choices = [f"{key}={json.dumps(v)}" for v in parsed]
+            runs = [(f"{label} {c}".strip(), prior + [c]) for label, prior in runs for c in choices]
+        else:
+            runs = [(label, prior + [override]) for label, prior in runs]
+    return runs
+
+
+def applies(path: str, override: str) -> bool:
+    """Whether the config at `path` takes this override (for a sweep, its first value)."""
+    key, _, value = override.partition("=")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return True  # let load_config report the malformed value
+    first = [f"{key}={json.dumps(parsed[0])}"] if isinstance(parsed, list) and parsed else []
+    return _valid(path, [override]) or bool(first) and _valid(path, first)
+
+
+def _valid(path: str, overrides: list[str]) -> bool:
+    try:
+        load_config(path, overrides)
+        return True
+    except SpecdecError:
+        return False
+
+
+def speculative(name: str, decoder: SpeculativeDecoder) -> Method:
+    def generate(prompt: list[int], max_new_tokens: int) -> Sample:
+        lengths: list[int] = []
+        start = time.perf_counter()
+        out = decoder.generate(prompt, max_new_tokens=max_new_tokens, on_step=lambda s: lengths.append(s.accepted + 1))
+        return Sample(out.token_ids, time.perf_counter() - start, lengths, out.metrics)
+
+    return Method(name, decoder.strategy.name, type(decoder.target).name, generate)
+
+
+def baseline(name: str, reference: SpeculativeDecoder, config: Config) -> Method:
+    """A baseline over the models of the first config: `ar` runs the target alone through the same
+    backend and loop; the `hf*` ones call transformers' `generate` on the PyTorch models."""
+    if name == "ar":
+        raw = {**config.to_dict(), "strategy": {"name": "ar"}}
+        raw.pop("draft", None)
+        ar = SpeculativeDecoder.from_config(resolve(raw, config.source, Path.cwd()), target=reference.target)
+        ar.tokenizer = reference.tokenizer
+        return speculative("ar", ar)
+    if name not in BASELINES:
+        raise SpecdecError(f"unknown baseline {name!r}; available: {', '.join(BASELINES)}")
+    target = _hf_model(reference.target, "target")
+    kwargs: dict = {}
+    if name == "hf-assisted":
+        if reference.draft is None:
+            raise SpecdecError("the hf-assisted baseline needs a draft model in the first config")
+        kwargs["assistant_model"] = _hf_model(reference.draft, "draft")
+    elif name == "hf-prompt-lookup":
+        kwargs["prompt_lookup_num_tokens"] = 10
+    eos = sorted(reference.target.eos_token_ids)
+
+    @torch.inference_mode()
+    def generate(prompt: list[int], max_new_tokens: int) -> Sample:
+        ids = torch.tensor([prompt], device=target.device)
+        start = time.perf_counter()
+        out = target.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=eos[0] if eos else 0, **kwargs,
+        )
+        return Sample(out[0, len(prompt):].tolist(), time.perf_counter() - start, [], None)
+
+    return Method(name, "-", "transformers", generate)
+
+
+def _hf_model(backend, role: str):
+    model = getattr(backend, "model", None)
+    if model is None or not hasattr(model, "generate"):
+        raise SpecdecError(f"the hf baselines need the {role} on the pytorch backend")
+    return model

@@ -1,0 +1,183 @@
+"""Summaries and files of a bench run: results.jsonl (Spec-Bench answers), report.json, report.md,
+speedup.png and acceptance.png."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from specdec import __version__
+from specdec.bench.runner import BenchResult
+from specdec.metrics import GenerationMetrics
+
+logger = logging.getLogger(__name__)
+
+
+def summarise(result: BenchResult) -> dict:
+    ar_tps = _tokens_per_second(result.samples["ar"])
+    ar_tokens = _outputs(result.samples["ar"])
+    runs = []
+    for method in result.methods:
+        samples = result.samples[method.name]
+        tps = _tokens_per_second(samples)
+        metrics = [s.metrics for s in _flat(samples[0]) if s.metrics is not None]
+        total = _merge(metrics) if metrics else None
+        step = total.step_seconds if total else 0.0
+        mismatches = [q for q, (a, b) in enumerate(zip(_outputs(samples), ar_tokens)) if a != b]
+        runs.append({
+            "name": method.name, "strategy": method.strategy, "backend": method.backend,
+            "tokens_per_second": tps, "speedup_vs_ar": tps / ar_tps if ar_tps else None,
+            "mean_accepted_length": total.mean_accepted_length if total else None,
+            "target_forwards": total.target_forwards / len(metrics) if total else None,
+            "draft_forwards_per_step": total.draft_forwards / total.steps if total and total.steps else None,
+            "draft_time_share": total.draft_forward_seconds / step if step else None,
+            "verify_time_share": total.target_forward_seconds / step if step else None,
+            "other_time_share": total.outside_forward_share if step else None,
+            "acceptance_by_depth": total.acceptance_by_depth if total else [],
+            "merged_share": total.merged_share if total and total.merged_hits else None,
+            "outputs_match_ar": (not mismatches) if result.greedy else None,
+            "mismatched_prompts": [result.questions[q].question_id for q in mismatches] if result.greedy else [],
+        })
+    return {"device": device_description(), "versions": versions(), "settings": _settings(result), "runs": runs}
+
+
+def _flat(per_question: list[list]) -> list:
+    return [sample for turns in per_question for sample in turns]
+
+
+def _tokens_per_second(repeats: list[list[list]]) -> float:
+    """Median over repeats of (all new tokens / all seconds)."""
+    rates = []
+    for per_question in repeats:
+        flat = _flat(per_question)
+        rates.append(sum(len(s.token_ids) for s in flat) / sum(s.seconds for s in flat))
+    return statistics.median(rates)
+
+
+def _outputs(repeats) -> list[list[list[int]]]:
+    return [[s.token_ids for s in turns] for turns in repeats[0]]
+
+
+def _merge(metrics: list[GenerationMetrics]) -> GenerationMetrics:
+    total = GenerationMetrics()
+    for m in metrics:
+        for name in ("new_tokens", "target_forwards", "draft_forwards", "steps", "accepted_tokens", "drafted_nodes",
+                     "dag_nodes", "merged_hits", "draft_seconds", "verify_seconds", "other_seconds",
+                     "draft_forward_seconds", "target_forward_seconds", "total_seconds"):
+            setattr(total, name, getattr(total, name) + getattr(m, name))
+        for counts, more in ((total.reached_depth, m.reached_depth), (total.accepted_depth, m.accepted_depth)):
+            counts.extend([0] * (len(more) - len(counts)))
+            for depth, count in enumerate(more):
+                counts[depth] += count
+    return total
+
+
+def _settings(result: BenchResult) -> dict:
+    s = result.settings
+    return {"configs": s.configs, "overrides": s.overrides, "prompts": str(s.prompts or "benchmarks/prompts/code.jsonl"),
+            "questions": len(result.questions), "repeats": s.repeats, "warmup": s.warmup,
+            "max_new_tokens": result.max_new_tokens, "batch_size": 1, "greedy": result.greedy}
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"specdec": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def write_outputs(result: BenchResult, report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "results.jsonl").open("w") as handle:
+        for method in result.methods:
+            for question, turns in zip(result.questions, result.samples[method.name][0]):
+                handle.write(json.dumps(_answer(method.name, question.question_id, turns, result.tokenizer)) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    _plots(report, out)
+
+
+def _answer(model_id: str, question_id: str, turns, tokenizer) -> dict:
+    return {"question_id": question_id, "model_id": model_id, "tstamp": time.time(), "choices": [{
+        "index": 0, "turns": [tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in turns], "new_tokens": [len(s.token_ids) for s in turns],
+        "wall_time": [s.seconds for s in turns], "accept_lengths": [s.accept_lengths for s in turns]}]}
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        f"Device: {report['device']}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + "  ",
+        f"Settings: {s['questions']} prompts from `{s['prompts']}`, max_new_tokens {s['max_new_tokens']}, "
+        f"batch size 1, {'greedy' if s['greedy'] else 'sampling'}, median of {s['repeats']} interleaved repeats "
+        f"after {s['warmup']} warm-up; configs {', '.join(s['configs'])}" + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else ""),
+        "",
+        "| method | strategy | backend | tokens/s | speedup vs ar | tau | target fwd/prompt | draft fwd/step "
+        "| draft share | verify share | other share | same as ar |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report["runs"]:
+        match = {True: "yes", False: "**NO**", None: "-"}[r["outputs_match_ar"]]
+        lines.append(
+            f"| {r['name']} | {r['strategy']} | {r['backend']} | {r['tokens_per_second']:.1f} | "
+            f"{_cell(r['speedup_vs_ar'], '.2f')}x | {_cell(r['mean_accepted_length'], '.2f')} | "
+            f"{_cell(r['target_forwards'], '.1f')} | {_cell(r['draft_forwards_per_step'], '.2f')} | "
+            f"{_cell(r['draft_time_share'], '.0%')} | {_cell(r['verify_time_share'], '.0%')} | "
+            f"{_cell(r['other_time_share'], '.0%')} | {match} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plots(report: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install 'specdec[bench]'): no plots written")
+        return
+    runs = report["runs"]
+    fig, ax = plt.subplots(figsize=(max(6, len(runs) * 0.9), 4))
+    ax.bar(range(len(runs)), [r["speedup_vs_ar"] or 0 for r in runs], color="tab:blue")
+    ax.set_ylabel("speedup vs ar (tokens/s)")
+    ax.set_xticks(range(len(runs)), [r["name"] for r in runs], rotation=30, ha="right")
+    tau = ax.twinx()
+    tau.plot(range(len(runs)), [r["mean_accepted_length"] or float("nan") for r in runs], "o", color="tab:red")
+    tau.set_ylabel("mean accepted length (tau)", color="tab:red")
+    ax.set_title(report["device"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "speedup.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        if r["acceptance_by_depth"]:
+            ax.plot(range(1, len(r["acceptance_by_depth"]) + 1), r["acceptance_by_depth"], marker="o", label=r["name"])
+    ax.set_xlabel("depth")
+    ax.set_ylabel("acceptance rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "acceptance.png", dpi=120)
+    plt.close(fig)

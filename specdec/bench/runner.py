@@ -1,0 +1,110 @@
+"""`specdec bench`: time every method over a prompt set, side by side in one run.
+
+Methods are interleaved within each repeat (all methods on all prompts, then the next repeat), so
+drifting machine load touches every method alike. Batch size 1; warm-up runs are not timed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from specdec import plugins
+from specdec.bench.methods import BASELINES, Method, Sample, applies, baseline, expand_sweeps, speculative
+from specdec.bench.prompts import Question, load_questions
+from specdec.config import ModelSpec, load_config
+from specdec.decoder import SpeculativeDecoder
+from specdec.errors import SpecdecError
+from specdec.models import load_tokenizer
+
+
+@dataclass
+class BenchSettings:
+    configs: list[str]
+    overrides: list[str] = field(default_factory=list)
+    prompts: str | None = None
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    repeats: int = 3
+    warmup: int = 1
+    max_new_tokens: int | None = None
+    limit: int | None = None
+
+
+@dataclass
+class BenchResult:
+    methods: list[Method]
+    questions: list[Question]
+    samples: dict[str, list[list[list[Sample]]]]  # method -> repeat -> question -> turn
+    max_new_tokens: int
+    greedy: bool
+    settings: BenchSettings
+    tokenizer: object
+
+
+def run_bench(settings: BenchSettings) -> BenchResult:
+    questions = load_questions(settings.prompts, settings.limit)
+    decoders, first_config = _decoders(settings)
+    reference = decoders[0][1]
+    if reference.tokenizer is None:
+        raise SpecdecError("bench needs a tokenizer with the target model to encode the prompts")
+    names = ["ar"] + [b for b in settings.baselines if b != "ar"]  # ar is the reference of every speedup
+    methods = [baseline(b, reference, first_config) for b in names]
+    methods += [speculative(name, decoder) for name, decoder in decoders]
+    max_new = settings.max_new_tokens or first_config.generation.max_new_tokens
+    for method in methods:
+        for _ in range(settings.warmup):
+            method.generate(reference.tokenizer(questions[0].turns[0])["input_ids"], min(16, max_new))
+    samples: dict[str, list] = {m.name: [] for m in methods}
+    bar = tqdm(total=settings.repeats * len(methods) * len(questions), desc="bench", file=sys.stderr, unit="prompt")
+    for _ in range(settings.repeats):
+        for method in methods:
+            runs = []
+            for question in questions:
+                runs.append(_conversation(method, question, reference.tokenizer, max_new))
+                bar.update()
+            samples[method.name].append(runs)
+    bar.close()
+    greedy = first_config.generation.temperature == 0.0
+    return BenchResult(methods, questions, samples, max_new, greedy, settings, reference.tokenizer)
+
+
+def _conversation(method: Method, question: Question, tokenizer, max_new: int) -> list[Sample]:
+    """Each turn continues the previous turns and this method's own answers."""
+    context: list[int] = []
+    out = []
+    for number, turn in enumerate(question.turns):
+        context += tokenizer(turn, add_special_tokens=number == 0)["input_ids"]
+        sample = method.generate(context, max_new)
+        context += sample.token_ids
+        out.append(sample)
+    return out
+
+
+def _decoders(settings: BenchSettings):
+    """A decoder per config and sweep point; models shared between them are loaded once."""
+    loaded: dict[str, object] = {}
+
+    def backend(spec: ModelSpec):
+        key = json.dumps(spec.to_dict(), sort_keys=True)
+        if key not in loaded:
+            loaded[key] = plugins.get_backend(spec.backend).cls.load(spec.model, spec.options)
+        return loaded[key]
+
+    unused = [o for o in settings.overrides if not any(applies(path, o) for path in settings.configs)]
+    if unused:
+        raise SpecdecError(f"override {unused[0]!r} fits none of the configs")
+    decoders, first, tokenizer = [], None, None
+    for path in settings.configs:
+        for label, overrides in expand_sweeps(path, [o for o in settings.overrides if applies(path, o)]):
+            config = load_config(path, overrides)
+            if first is None:
+                first, tokenizer = config, load_tokenizer(config.target.model)
+            needs_draft = plugins.get_strategy(config.strategy.name).cls.needs_draft
+            draft = backend(config.draft) if needs_draft and config.draft is not None else None
+            decoder = SpeculativeDecoder.from_config(config, target=backend(config.target), draft=draft, tokenizer=tokenizer)
+            decoders.append((f"{Path(path).stem}{f' [{label}]' if label else ''}", decoder))
+    return decoders, first
