@@ -138,6 +138,39 @@ def save(nets, tokenizer, args, history, train_tokens, held_tokens, root, second
         "seed": args.seed, "train_seconds": round(seconds), "history": history,
     }
     (args.out / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
+    write_card(args.out, facts)
+
+
+def write_card(out: Path, facts: dict) -> None:
+    """models/demo/README.md: what the pair is, how it was trained, how well it does."""
+    last = facts["history"][-1]
+    rows = "\n".join(
+        f"| {name} | {facts['parameters'][name] / 1e6:.2f}M | {s['hidden']} | {s['layers']} | {s['heads']} | "
+        f"{s['intermediate']} | {last[name + '_held_out_loss']:.3f} |"
+        for name, s in facts["sizes"].items()
+    )
+    curve = ", ".join(f"{h['step']}: {h['target_held_out_loss']:.2f} / {h['draft_held_out_loss']:.2f}" for h in facts["history"])
+    (out / "README.md").write_text(f"""# specdec demo model pair
+
+A Llama-architecture target and draft trained from scratch on Python source code, so that specdec
+runs a real speculative generation offline. Small and CPU-trained: useful for demos, tests and
+benchmarks of the decoding machinery, not as a code assistant.
+
+- Corpus: {facts['corpus']}: {facts['train_tokens']:,} training tokens; {facts['held_out_tokens']:,} held-out tokens
+  from files chosen by a hash of their path.
+- Tokenizer: byte-level BPE, {facts['vocab']} tokens, trained on the same files; `<|endoftext|>` separates files.
+- Training: {facts['steps']} steps of {facts['batch']} x {facts['seq_len']} tokens (both models see the same batches),
+  AdamW (lr 1.5e-3, cosine, 50 warm-up steps, weight decay 0.1), seed {facts['seed']}, CPU, {facts['train_seconds'] / 60:.0f} minutes.
+- Weights: float16 safetensors (load with `dtype: float32` on a CPU).
+
+| model | parameters | hidden | layers | heads | intermediate | held-out loss (nats/token) |
+|---|---:|---:|---:|---:|---:|---:|
+{rows}
+
+Held-out loss during training (step: target / draft): {curve}.
+
+Reproduce: `python scripts/train_demo_pair.py --out models/demo --steps {facts['planned_steps']}`.
+""")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""`specdec bench`: sweeps, outputs in every promised format, mismatch detection. No timing is
+asserted: speed is measured by running the command, not by tests."""
+
+import json
+
+import pytest
+
+from specdec.bench.methods import Sample, expand_sweeps
+from specdec.bench.prompts import load_questions
+from specdec.bench.report import summarise
+from specdec.cli import main
+from specdec.errors import SpecdecError
+
+
+def test_list_values_sweep_unless_the_key_takes_a_list(repo_mirror, monkeypatch):
+    monkeypatch.chdir(repo_mirror)
+    runs = expand_sweeps("configs/static_tree.yaml", ["strategy.branching=[3,1]", "generation.max_new_tokens=[8,16]"])
+    assert [label for label, _ in runs] == ["generation.max_new_tokens=8", "generation.max_new_tokens=16"]
+    assert runs[0][1] == ["strategy.branching=[3,1]", "generation.max_new_tokens=8"]
+    nested = expand_sweeps("configs/static_tree.yaml", ["strategy.branching=[[2],[3,1]]"])
+    assert [o for _, o in nested] == [["strategy.branching=[2]"], ["strategy.branching=[3, 1]"]]
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    questions = [{"question_id": "q1", "category": "code", "turns": ["def add(a, b):\n"]},
+                 {"question_id": "q2", "category": "code", "turns": ["import os\n", "def main():\n"]}]
+    path.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    return path
+
+
+def test_bench_writes_every_report_and_outputs_match_ar(repo_mirror, monkeypatch, prompts, tmp_path, capsys):
+    monkeypatch.chdir(repo_mirror)
+    out = tmp_path / "bench"
+    main(["bench", "configs/chain.yaml", "configs/dyspec.yaml", "--prompts", str(prompts), "--repeats", "2",
+          "--max-new-tokens", "12", "--out", str(out), "-o", "strategy.max_nodes=[4,8]"])
+    report = json.loads((out / "report.json").read_text())
+    names = [r["name"] for r in report["runs"]]
+    assert names == ["ar", "hf", "hf-assisted", "hf-prompt-lookup", "chain",
+                     "dyspec [strategy.max_nodes=4]", "dyspec [strategy.max_nodes=8]"]
+    assert report["device"].startswith("CPU") and {"torch", "transformers", "specdec"} <= set(report["versions"])
+    for run in report["runs"]:
+        assert run["outputs_match_ar"] is True and run["tokens_per_second"] > 0
+        assert {"speedup_vs_ar", "mean_accepted_length", "target_forwards", "draft_time_share",
+                "verify_time_share", "other_time_share"} <= set(run)
+    chain = report["runs"][4]
+    assert chain["mean_accepted_length"] >= 1 and 0 <= chain["other_time_share"] <= 1
+    answers = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(answers) == 7 * 2
+    two_turns = next(a for a in answers if a["question_id"] == "q2")
+    choice = two_turns["choices"][0]
+    assert len(choice["turns"]) == len(choice["new_tokens"]) == len(choice["wall_time"]) == len(choice["accept_lengths"]) == 2
+    assert all(0 < n <= 12 for n in choice["new_tokens"])
+    assert "| method |" in (out / "report.md").read_text() and "| method |" in capsys.readouterr().out
+    for png in ("speedup.png", "acceptance.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_mismatch_with_ar_is_reported(repo_mirror, monkeypatch, prompts, tmp_path):
+    from specdec.bench.runner import BenchSettings, run_bench
+
+    monkeypatch.chdir(repo_mirror)
+    result = run_bench(BenchSettings(["configs/chain.yaml"], prompts=str(prompts), baselines=["ar"], repeats=1, max_new_tokens=6))
+    broken = result.samples["chain"][0][1][0]
+    result.samples["chain"][0][1][0] = Sample(broken.token_ids[:-1] + [broken.token_ids[-1] + 1], broken.seconds, [], broken.metrics)
+    chain = summarise(result)["runs"][1]
+    assert chain["outputs_match_ar"] is False and chain["mismatched_prompts"] == ["q2"]
+
+
+def test_bad_prompt_files_give_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "turns": ["x"]}\n{"question_id": 2}\n')
+    with pytest.raises(SpecdecError, match=r"bad.jsonl:2: not a Spec-Bench question \(missing `turns`\)"):
+        load_questions(bad)
+    with pytest.raises(SpecdecError, match="does not exist"):
+        load_questions(tmp_path / "nope.jsonl")
+
+
+def test_an_override_that_fits_no_config_is_refused(repo_mirror, monkeypatch, capsys):
+    monkeypatch.chdir(repo_mirror)
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "configs/chain.yaml", "-o", "strategy.max_nodes=[4,8]", "--limit", "1"])
+    assert info.value.code == 1
+    assert capsys.readouterr().err == "error: override 'strategy.max_nodes=[4,8]' fits none of the configs\n"
