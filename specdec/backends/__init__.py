@@ -5,6 +5,8 @@ from specdec.hookspecs import hookimpl
 
 @hookimpl
 def register_backends(register):
+    from specdec.backends.onnxruntime import OnnxRuntimeBackend
     from specdec.backends.pytorch import PyTorchBackend
 
     register(PyTorchBackend)
+    register(OnnxRuntimeBackend)

@@ -34,7 +34,7 @@ class PyTorchBackend(Backend):
     Options = PyTorchOptions
 
     def __init__(self, model: PreTrainedModel):
-        _check_architecture(model)
+        check_architecture(model)
         self.model = model.eval()
         config = model.config.get_text_config()
         self.vocab_size = config.vocab_size
@@ -204,7 +204,7 @@ def _eos_token_ids(model: PreTrainedModel) -> frozenset[int]:
     return frozenset([eos] if isinstance(eos, int) else eos)
 
 
-def _check_architecture(model: PreTrainedModel) -> None:
+def check_architecture(model: PreTrainedModel) -> None:
     """Tree masks need a forward that takes explicit position ids and a Cache object."""
     params = inspect.signature(model.forward).parameters
     if not {"position_ids", "past_key_values", "attention_mask"} <= params.keys():

@@ -1,0 +1,159 @@
+"""ONNX Runtime backend: runs a specdec ONNX export (DESIGN.md section 5) through I/O binding.
+
+The KV cache lives in torch tensors on the model's device; inputs and outputs are bound to their
+memory, so on the CUDA execution provider the cache never leaves the GPU. CPU and CUDA share this
+one path. Given a Hugging Face model instead of an export, it exports on first use into a cache
+folder and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from specdec.backends.base import Backend, BackendOptions
+from specdec.errors import SpecdecError
+from specdec.export.onnx import MANIFEST, export_onnx, read_manifest
+
+logger = logging.getLogger(__name__)
+
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
+
+
+class OnnxRuntimeOptions(BackendOptions):
+    device: str = "cpu"  # cpu, cuda, cuda:N
+    providers: list[str] | None = None  # default: CUDAExecutionProvider on cuda, else CPUExecutionProvider
+    intra_op_threads: int = 0  # 0 = onnxruntime's choice
+    inter_op_threads: int = 1
+    dtype: Literal["float32", "float16"] = "float32"  # of an export made on first use
+    cache_dir: str | None = None  # where exports made on first use go (default ~/.cache/specdec/onnx)
+
+
+def create_session(folder: Path, providers: list[str], intra_op_threads: int, inter_op_threads: int = 1):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SpecdecError("the onnxruntime backend needs onnxruntime: pip install 'specdec[onnx]'") from None
+    missing = [p for p in providers if p not in ort.get_available_providers()]
+    if missing:
+        hint = " (pip install 'specdec[onnx-gpu]': onnxruntime-gpu, with onnxruntime uninstalled)" if "CUDAExecutionProvider" in missing else ""
+        raise SpecdecError(f"onnxruntime has no {', '.join(missing)}{hint}; available: {', '.join(ort.get_available_providers())}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    return ort.InferenceSession(str(folder / "model.onnx"), sess_options=options, providers=providers)
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    Options = OnnxRuntimeOptions
+
+    def __init__(self, session, manifest: dict, device: torch.device, eos_token_ids=frozenset()):
+        self.session = session
+        self.manifest = manifest
+        self.vocab_size = manifest["vocab_size"]
+        self.max_length = manifest["context"]
+        self.device = device
+        self.dtype = torch.float16 if manifest["dtype"] == "float16" else torch.float32
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.forward_calls, self.forward_seconds = 0, 0.0
+        self._names = manifest["inputs"], manifest["outputs"]
+        self.reset()
+
+    @classmethod
+    def load(cls, model: str, options: OnnxRuntimeOptions) -> OnnxRuntimeBackend:
+        folder = Path(model).expanduser()
+        if not (folder / MANIFEST).is_file():
+            if folder.is_dir() and not (folder / "config.json").is_file():
+                read_manifest(folder)  # neither an export nor a model: say so
+            folder = _export_on_first_use(model, options)
+        manifest = read_manifest(folder)
+        device = torch.device(options.device)
+        providers = options.providers or (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        )
+        session = create_session(folder, providers, options.intra_op_threads, options.inter_op_threads)
+        return cls(session, manifest, device, _eos(folder))
+
+    @property
+    def committed_len(self) -> int:
+        return self._committed
+
+    @property
+    def pending_len(self) -> int:
+        return self._pending
+
+    def reset(self) -> None:
+        layers, heads, dim = self.manifest["layers"], self.manifest["kv_heads"], self.manifest["head_dim"]
+        self.kv = [torch.zeros(1, heads, 0, dim, dtype=self.dtype, device=self.device) for _ in range(2 * layers)]
+        self._committed, self._pending = 0, 0
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._pending:
+            raise RuntimeError("prefill with pending entries; commit or rollback first")
+        length = input_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).tril_()[None]
+        logits = self.forward(input_ids, torch.arange(self._committed, self._committed + length)[None], causal)
+        self.commit(list(range(length)))
+        return logits[:, -1]
+
+    def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
+        start = time.perf_counter()
+        query = input_ids.shape[1]
+        full = torch.ones(1, 1, query, self._committed + self._pending + query, dtype=torch.bool)
+        full[0, 0, :, self._committed :] = mask[0]
+        inputs = [input_ids.long(), position_ids.long(), full] + self.kv
+        past = self.kv[0].shape[2]
+        logits = torch.empty(1, query, self.vocab_size, dtype=self.dtype, device=self.device)
+        presents = [torch.empty(1, t.shape[1], past + query, t.shape[3], dtype=self.dtype, device=self.device) for t in self.kv]
+        binding = self.session.io_binding()
+        bound = [_bind(binding.bind_input, n, t.to(self.device).contiguous()) for n, t in zip(self._names[0], inputs)]
+        bound += [_bind(binding.bind_output, n, t) for n, t in zip(self._names[1], [logits] + presents)]
+        self.session.run_with_iobinding(binding)  # `bound` keeps every bound buffer alive until here
+        self.kv = presents
+        self._pending += query
+        self.forward_calls += 1
+        self.forward_seconds += time.perf_counter() - start
+        return logits.float()
+
+    def commit(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long, device=self.device) + self._committed
+        self.kv = [torch.cat([t[:, :, : self._committed], t.index_select(2, index)], dim=2) for t in self.kv]
+        self._committed += len(keep)
+        self._pending = 0
+
+
+def _bind(bind, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Bind `tensor`'s memory to an input or output of the session; returns what must stay alive."""
+    if tensor.numel() == 0:  # an empty past (the first forward) still needs a valid address
+        tensor = torch.empty(1, dtype=tensor.dtype, device=tensor.device)[:0].reshape(tensor.shape)
+    device_id = tensor.device.index or 0
+    bind(name, tensor.device.type, device_id, NUMPY_DTYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+    return tensor
+
+
+def _eos(folder: Path) -> frozenset[int]:
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return frozenset([eos] if isinstance(eos, int) else eos)
+    return frozenset()
+
+
+def _export_on_first_use(model: str, options: OnnxRuntimeOptions) -> Path:
+    root = Path(options.cache_dir).expanduser() if options.cache_dir else Path.home() / ".cache" / "specdec" / "onnx"
+    source = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
+    folder = root / f"{Path(source).name}-{hashlib.sha256(source.encode()).hexdigest()[:12]}-{options.dtype}"
+    if not (folder / MANIFEST).is_file():
+        logger.warning("exporting %s to ONNX in %s (first use; later runs reuse it)", model, folder)
+        export_onnx(source, folder, options.dtype)
+    return folder

@@ -1,0 +1,1 @@
+"""Export of models to deployable graphs (ONNX; TensorRT engines are built from the ONNX graph)."""

@@ -1,0 +1,148 @@
+"""`specdec export --format onnx`: a self-contained folder (graph, manifest, config, tokenizer), and
+`--check`: the exported graph against PyTorch on random trees at unseen sizes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from specdec import __version__
+from specdec.errors import SpecdecError
+from specdec.export.onnx_graph import KVShape, TreeMaskGraph, dynamic_shapes, example_inputs, input_names, output_names
+from specdec.models import check_model_source, context_limit, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "specdec_export.json"
+FORMAT, FORMAT_VERSION = "specdec-onnx", 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
+
+
+def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None = None) -> Path:
+    """Export `model` (a local folder or hub id) into `out`, written whole or not at all."""
+    from transformers import AutoModelForCausalLM
+
+    from specdec.backends.pytorch import check_architecture
+
+    try:
+        import onnx  # noqa: F401  (the exporter needs onnx and onnxscript)
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise SpecdecError("exporting to ONNX needs onnx and onnxscript: pip install 'specdec[onnx]'") from None
+    if out.exists() and any(out.iterdir()):
+        raise SpecdecError(f"output folder {str(out)!r} is not empty; remove it or choose another --out")
+    check_model_source(model)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], attn_implementation="sdpa").eval()
+    check_architecture(hf)
+    shape = KVShape.of(hf.config)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                TreeMaskGraph(hf), example_inputs(shape, hf.config.get_text_config().vocab_size, hf.dtype),
+                dynamic_shapes=dynamic_shapes(shape.layers), dynamo=True, opset_version=opset,
+                input_names=input_names(shape.layers), output_names=output_names(shape.layers),
+            )
+        large = sum(p.numel() * p.element_size() for p in hf.parameters()) > 1 << 30
+        program.save(str(partial / "model.onnx"), external_data=large)
+        hf.config.save_pretrained(partial)
+        if hf.generation_config is not None:
+            hf.generation_config.save_pretrained(partial)
+        tokenizer = load_tokenizer(model)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+        (partial / MANIFEST).write_text(json.dumps(_manifest(model, hf, shape, dtype, program), indent=2) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
+def _manifest(model: str, hf, shape: KVShape, dtype: str, program) -> dict:
+    import onnx
+    import transformers
+
+    config = hf.config.get_text_config()
+    opset = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "source_model": str(model),
+        "architecture": config.model_type, "layers": shape.layers, "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim, "vocab_size": config.vocab_size, "context": context_limit(config),
+        "dtype": dtype, "opset": opset, "inputs": input_names(shape.layers), "outputs": output_names(shape.layers),
+        "versions": {"specdec": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "onnx": onnx.__version__},
+    }
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of an export folder, or one clear error saying what is wrong."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise SpecdecError(
+            f"{str(folder)!r} is not a specdec ONNX export (no {MANIFEST}); "
+            f"create one with: specdec export MODEL --format onnx --out {folder}"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecdecError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        made_by = manifest.get("versions", {}).get("specdec", "an unknown version")
+        raise SpecdecError(
+            f"{path}: export format {manifest.get('format')!r} version {manifest.get('format_version')} "
+            f"(made by specdec {made_by}); this specdec reads {FORMAT!r} version {FORMAT_VERSION}: export the model again"
+        )
+    return manifest
+
+
+def check_export(folder: Path, model: str | None = None, cases=((1, 7), (6, 11), (9, 0), (4, 33))) -> dict:
+    """Run random trees of (query, past) sizes the export never saw through the graph and
+    through PyTorch -> {"max_abs_diff", "greedy_agree", "tolerance", "ok", "cases"}."""
+    from transformers import AutoModelForCausalLM
+
+    from specdec.backends.onnxruntime import create_session
+
+    manifest = read_manifest(folder)
+    source = model or manifest["source_model"]
+    check_model_source(source)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[manifest["dtype"]], attn_implementation="sdpa").eval()
+    session = create_session(Path(folder), providers=["CPUExecutionProvider"], intra_op_threads=0)
+    shape, gen = KVShape.of(hf.config), torch.Generator().manual_seed(0)
+    worst, agree, rows = 0.0, True, []
+    for query, past in cases:
+        ids, positions, mask, kv = _random_tree(shape, manifest["vocab_size"], hf.dtype, query, past, gen)
+        feed = {"input_ids": ids.numpy(), "position_ids": positions.numpy(), "attention_mask": mask.numpy()}
+        feed.update({name: t.numpy() for name, t in zip(input_names(shape.layers)[3:], kv)})
+        logits = torch.from_numpy(session.run(["logits"], feed)[0]).float()
+        with torch.no_grad():
+            expected = TreeMaskGraph(hf)(ids, positions, mask, kv)[0].float()
+        diff = float((logits - expected).abs().max())
+        same = bool((logits.argmax(-1) == expected.argmax(-1)).all())
+        worst, agree = max(worst, diff), agree and same
+        rows.append({"query": query, "past": past, "max_abs_diff": diff, "greedy_agree": same})
+    tolerance = TOLERANCE[manifest["dtype"]]
+    return {"max_abs_diff": worst, "greedy_agree": agree, "tolerance": tolerance, "ok": worst <= tolerance and agree, "cases": rows}
+
+
+def _random_tree(shape: KVShape, vocab: int, dtype, query: int, past: int, gen):
+    """A random draft tree of `query` nodes over `past` entries: inputs of the graph."""
+    parents = [-1] + [int(torch.randint(0, i, (), generator=gen)) for i in range(1, query)]
+    depths = [0] * query
+    mask = torch.zeros(1, 1, query, past + query, dtype=torch.bool)
+    mask[..., :past] = True
+    for node, parent in enumerate(parents):
+        depths[node] = depths[parent] + 1 if parent >= 0 else 0
+        mask[0, 0, node, past:] = mask[0, 0, parent, past:] if parent >= 0 else False
+        mask[0, 0, node, past + node] = True
+    ids = torch.randint(0, vocab, (1, query), generator=gen)
+    positions = (past + torch.tensor(depths))[None]
+    kv = [torch.randn(1, shape.kv_heads, past, shape.head_dim, generator=gen).to(dtype) for _ in range(2 * shape.layers)]
+    return ids, positions, mask, kv
