@@ -125,6 +125,37 @@ def bench(configs, prompts, baselines, out, overrides, repeats, warmup, max_new_
         raise SpecdecError(f"greedy outputs differ from ar for: {', '.join(bad)} (see report.json)")
 
 
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True, help="graph format")
+@click.option("--out", type=click.Path(file_okay=False), help="output folder (must not exist or be empty)")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--opset", type=int, help="ONNX opset (default: the exporter's)")
+@click.option("--validate", is_flag=True, help="check the export against PyTorch afterwards")
+@click.option("--check", "check_dir", type=click.Path(file_okay=False), help="only check an existing export folder")
+def export(model, fmt, out, dtype, opset, validate, check_dir):
+    """Export MODEL (a local folder or hub id) to a graph with a dynamic tree-mask input."""
+    from pathlib import Path
+
+    from specdec.export.onnx import check_export, export_onnx
+
+    if check_dir is None:
+        if not model or not out:
+            raise click.UsageError("give MODEL and --out DIR (or --check DIR to validate an export)")
+        export_onnx(model, Path(out), dtype, opset)
+        click.echo(f"exported {model} to {out}", err=True)
+        if not validate:
+            return
+    result = check_export(Path(check_dir or out), model if check_dir else None)
+    sizes = ", ".join(f"{c['query']}/{c['past']}" for c in result["cases"])
+    click.echo(
+        f"max |logit diff| {result['max_abs_diff']:.2e} (tolerance {result['tolerance']:.0e}); greedy choices "
+        f"agree: {'yes' if result['greedy_agree'] else 'NO'}; {len(result['cases'])} random trees (query/past {sizes})"
+    )
+    if not result["ok"]:
+        raise SpecdecError("the export does not match PyTorch within tolerance")
+
+
 @cli.group()
 def config():
     """Inspect configs."""

@@ -25,8 +25,6 @@ TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
 
 def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None = None) -> Path:
     """Export `model` (a local folder or hub id) into `out`, written whole or not at all."""
-    from transformers import AutoModelForCausalLM
-
     from specdec.backends.pytorch import check_architecture
 
     try:
@@ -36,8 +34,7 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
         raise SpecdecError("exporting to ONNX needs onnx and onnxscript: pip install 'specdec[onnx]'") from None
     if out.exists() and any(out.iterdir()):
         raise SpecdecError(f"output folder {str(out)!r} is not empty; remove it or choose another --out")
-    check_model_source(model)
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], attn_implementation="sdpa").eval()
+    hf = _load(model, dtype)
     check_architecture(hf)
     shape = KVShape.of(hf.config)
     partial = out.with_name(out.name + ".partial")
@@ -64,6 +61,20 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out
+
+
+def _load(model: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    check_model_source(model)
+    for attention in ("sdpa", "eager"):  # some architectures have no SDPA path
+        try:
+            return AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], attn_implementation=attention).eval()
+        except ValueError as exc:
+            error = exc
+        except OSError as exc:
+            raise SpecdecError(f"could not load model {model!r}: {str(exc).splitlines()[0]}") from exc
+    raise SpecdecError(f"could not load model {model!r}: {str(error).splitlines()[0]}")
 
 
 def _manifest(model: str, hf, shape: KVShape, dtype: str, program) -> dict:
@@ -106,14 +117,10 @@ def read_manifest(folder: Path) -> dict:
 def check_export(folder: Path, model: str | None = None, cases=((1, 7), (6, 11), (9, 0), (4, 33))) -> dict:
     """Run random trees of (query, past) sizes the export never saw through the graph and
     through PyTorch -> {"max_abs_diff", "greedy_agree", "tolerance", "ok", "cases"}."""
-    from transformers import AutoModelForCausalLM
-
     from specdec.backends.onnxruntime import create_session
 
     manifest = read_manifest(folder)
-    source = model or manifest["source_model"]
-    check_model_source(source)
-    hf = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[manifest["dtype"]], attn_implementation="sdpa").eval()
+    hf = _load(model or manifest["source_model"], manifest["dtype"])
     session = create_session(Path(folder), providers=["CPUExecutionProvider"], intra_op_threads=0)
     shape, gen = KVShape.of(hf.config), torch.Generator().manual_seed(0)
     worst, agree, rows = 0.0, True, []

@@ -1,0 +1,112 @@
+"""ONNX export with a dynamic tree-mask input, and the onnxruntime backend."""
+
+import json
+import logging
+import shutil
+
+import pytest
+
+pytest.importorskip("onnxruntime", reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
+
+from helpers import hf_greedy, make_decoder  # noqa: E402
+from specdec.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeOptions  # noqa: E402
+from specdec.backends.pytorch import PyTorchBackend  # noqa: E402
+from specdec.cli import main  # noqa: E402
+from specdec.config import GenerationOptions  # noqa: E402
+from specdec.decoder import SpeculativeDecoder  # noqa: E402
+from specdec.errors import SpecdecError  # noqa: E402
+from specdec.export.onnx import MANIFEST, check_export, export_onnx, read_manifest  # noqa: E402
+from specdec.plugins import get_strategy  # noqa: E402
+
+PROMPT = [3, 17, 42, 8, 60, 5]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """arch -> (source model folder, export folder) for tiny Llama, Qwen2 and GPT-2."""
+    from conftest import cached_model
+
+    root, out = tmp_path_factory.mktemp("onnx"), {}
+    for arch in ("llama", "qwen2", "gpt2"):
+        cached_model(arch, 0).save_pretrained(root / f"{arch}-src")
+        out[arch] = (root / f"{arch}-src", export_onnx(str(root / f"{arch}-src"), root / f"{arch}-onnx"))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_export_matches_pytorch_at_unseen_sizes(arch, exports):
+    _, folder = exports[arch]
+    assert {"model.onnx", MANIFEST, "config.json"} <= {p.name for p in folder.iterdir()}
+    manifest = read_manifest(folder)
+    assert manifest["inputs"][:3] == ["input_ids", "position_ids", "attention_mask"]
+    assert manifest["outputs"][1:3] == ["present.0.key", "present.0.value"] and manifest["vocab_size"] == 96
+    result = check_export(folder)
+    assert result["ok"] and result["max_abs_diff"] < 1e-4 and result["greedy_agree"]
+    assert {(c["query"], c["past"]) for c in result["cases"]} >= {(1, 7), (9, 0)}  # the export saw 3 / 5
+
+
+@pytest.mark.parametrize("strategy, options", [("chain", {"k": 3}), ("static_tree", {"branching": [2, 2]}),
+                                               ("gsd", {"max_nodes": 12}), ("dyspec", {"max_nodes": 8})])
+@pytest.mark.parametrize("placement", ["target", "draft", "both"])
+def test_greedy_output_is_lossless_on_onnxruntime(strategy, options, placement, exports, models, drafts):
+    _, folder = exports["llama"]
+    target_model = models("llama", 0)
+    ort = lambda: OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())  # noqa: E731
+    target = ort() if placement in ("target", "both") else PyTorchBackend(target_model)
+    draft = ort() if placement in ("draft", "both") else PyTorchBackend(drafts("llama", "perturbed"))
+    component = get_strategy(strategy)
+    decoder = SpeculativeDecoder(target, draft, component.cls(component.cls.Options(**options)), GenerationOptions())
+    out = decoder.generate(PROMPT, max_new_tokens=60)
+    assert out.token_ids == hf_greedy(target_model, PROMPT, 60)
+    assert out.metrics.accepted_tokens > 0
+
+
+def test_a_hugging_face_model_is_exported_on_first_use(exports, tmp_path, caplog):
+    source, _ = exports["gpt2"]
+    options = OnnxRuntimeOptions(cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING):
+        backend = OnnxRuntimeBackend.load(str(source), options)
+    assert "exporting" in caplog.text and "first use" in caplog.text
+    assert list((tmp_path / "cache").glob(f"*/{MANIFEST}"))
+    caplog.clear()
+    OnnxRuntimeBackend.load(str(source), options)  # reused, not exported again
+    assert "exporting" not in caplog.text
+    assert backend.vocab_size == 96
+
+
+def test_cli_check_prints_the_difference(exports, capsys):
+    main(["export", "--check", str(exports["qwen2"][1])])
+    assert "greedy choices agree: yes" in capsys.readouterr().out
+
+
+def test_a_folder_that_is_not_an_export(tmp_path):
+    with pytest.raises(SpecdecError, match="is not a specdec ONNX export"):
+        OnnxRuntimeBackend.load(str(tmp_path), OnnxRuntimeOptions())
+
+
+def test_a_manifest_from_an_incompatible_version(exports, tmp_path):
+    folder = tmp_path / "old"
+    shutil.copytree(exports["llama"][1], folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["format_version"] = 99
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SpecdecError, match="version 99 .* this specdec reads 'specdec-onnx' version 1: export the model again"):
+        OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())
+
+
+def test_an_architecture_without_position_ids_is_refused(tmp_path):
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "bloom")
+    with pytest.raises(SpecdecError, match="BloomForCausalLM cannot take a tree attention mask"):
+        export_onnx(str(tmp_path / "bloom"), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_non_empty_output_folder_is_refused(exports, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("x")
+    with pytest.raises(SpecdecError, match="is not empty"):
+        export_onnx(str(exports["llama"][0]), tmp_path / "busy")
