@@ -43,7 +43,7 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                TreeMaskGraph(hf), example_inputs(shape, hf.config.get_text_config().vocab_size, hf.dtype),
+                TreeMaskGraph(hf).eval(), example_inputs(shape, hf.config.get_text_config().vocab_size, hf.dtype),
                 dynamic_shapes=dynamic_shapes(shape.layers), dynamo=True, opset_version=opset,
                 input_names=input_names(shape.layers), output_names=output_names(shape.layers),
             )
