@@ -110,3 +110,12 @@ def test_a_non_empty_output_folder_is_refused(exports, tmp_path):
     (tmp_path / "busy" / "file").write_text("x")
     with pytest.raises(SpecdecError, match="is not empty"):
         export_onnx(str(exports["llama"][0]), tmp_path / "busy")
+
+
+def test_a_missing_cuda_provider_names_the_package_to_install(exports):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here: the provider is not missing")
+    with pytest.raises(SpecdecError, match=r"onnxruntime has no CUDAExecutionProvider \(pip install 'specdec\[onnx-gpu\]'"):
+        OnnxRuntimeBackend.load(str(exports["llama"][1]), OnnxRuntimeOptions(device="cuda"))
