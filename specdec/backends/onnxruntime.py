@@ -124,8 +124,10 @@ class OnnxRuntimeBackend(Backend):
         return logits.float()
 
     def commit(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, dtype=torch.long, device=self.device) + self._committed
-        self.kv = [torch.cat([t[:, :, : self._committed], t.index_select(2, index)], dim=2) for t in self.kv]
+        if keep != list(range(self._pending)):  # all pending, in order: the presents are the cache
+            # The graph takes the past as contiguous [B, H, P, D]: dropping entries means one copy.
+            index = torch.tensor(keep, dtype=torch.long, device=self.device) + self._committed
+            self.kv = [torch.cat([t[:, :, : self._committed], t.index_select(2, index)], dim=2) for t in self.kv]
         self._committed += len(keep)
         self._pending = 0
 
