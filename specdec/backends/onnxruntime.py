@@ -32,11 +32,14 @@ class OnnxRuntimeOptions(BackendOptions):
     providers: list[str] | None = None  # default: CUDAExecutionProvider on cuda, else CPUExecutionProvider
     intra_op_threads: int = 0  # 0 = onnxruntime's choice
     inter_op_threads: int = 1
+    allow_spinning: bool = False  # idle threads spin: lower latency alone, slows a PyTorch model beside it
     dtype: Literal["float32", "float16"] = "float32"  # of an export made on first use
     cache_dir: str | None = None  # where exports made on first use go (default ~/.cache/specdec/onnx)
 
 
-def create_session(folder: Path, providers: list[str], intra_op_threads: int, inter_op_threads: int = 1):
+def create_session(
+    folder: Path, providers: list[str], intra_op_threads: int, inter_op_threads: int = 1, allow_spinning: bool = False
+):
     try:
         import onnxruntime as ort
     except ImportError:
@@ -48,6 +51,8 @@ def create_session(folder: Path, providers: list[str], intra_op_threads: int, in
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
+    for scope in ("intra_op", "inter_op"):
+        options.add_session_config_entry(f"session.{scope}.allow_spinning", "1" if allow_spinning else "0")
     return ort.InferenceSession(str(folder / "model.onnx"), sess_options=options, providers=providers)
 
 
@@ -79,7 +84,9 @@ class OnnxRuntimeBackend(Backend):
         providers = options.providers or (
             ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
         )
-        session = create_session(folder, providers, options.intra_op_threads, options.inter_op_threads)
+        session = create_session(
+            folder, providers, options.intra_op_threads, options.inter_op_threads, options.allow_spinning
+        )
         return cls(session, manifest, device, _eos(folder))
 
     @property
