@@ -52,7 +52,7 @@ def test_config_schema_covers_registered_components(capsys):
     "args, message",
     [
         (["-o", "target.model=/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
-        (["-o", "strategy.name=nope"], "unknown strategy 'nope'; available: chain, dyspec, gsd, static_tree"),
+        (["-o", "strategy.name=nope"], "unknown strategy 'nope'; available: ar, chain, dyspec, gsd, static_tree"),
         (["-o", "draft.backend=nope"], "unknown backend 'nope'"),
         (["-o", "strategy.depth=3"], "unknown key 'strategy.depth'; allowed: k, adaptive, min_k, max_k"),
         (["-o", "strategy.k=[1"], "value is not valid YAML"),
