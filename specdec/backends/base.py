@@ -37,15 +37,18 @@ class Backend(ABC):
     def load(cls, model: str, options: BackendOptions) -> Backend:
         """Build the backend for a model path or hub id."""
 
-    @property
-    @abstractmethod
-    def committed_len(self) -> int:
-        """Number of committed cache entries."""
+    _committed: int = 0  # default bookkeeping of the two counts below
+    _pending: int = 0
 
     @property
-    @abstractmethod
+    def committed_len(self) -> int:
+        """Number of committed cache entries."""
+        return self._committed
+
+    @property
     def pending_len(self) -> int:
         """Number of pending cache entries."""
+        return self._pending
 
     @abstractmethod
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:

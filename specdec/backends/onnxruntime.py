@@ -89,14 +89,6 @@ class OnnxRuntimeBackend(Backend):
         )
         return cls(session, manifest, device, _eos(folder))
 
-    @property
-    def committed_len(self) -> int:
-        return self._committed
-
-    @property
-    def pending_len(self) -> int:
-        return self._pending
-
     def reset(self) -> None:
         layers, heads, dim = self.manifest["layers"], self.manifest["kv_heads"], self.manifest["head_dim"]
         self.kv = [torch.zeros(1, heads, 0, dim, dtype=self.dtype, device=self.device) for _ in range(2 * layers)]

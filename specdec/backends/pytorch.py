@@ -67,14 +67,6 @@ class PyTorchBackend(Backend):
             hf_model = hf_model.to(options.device)
         return cls(hf_model)
 
-    @property
-    def committed_len(self) -> int:
-        return self._committed
-
-    @property
-    def pending_len(self) -> int:
-        return self._pending
-
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self._pending:
