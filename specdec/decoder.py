@@ -85,12 +85,21 @@ class SpeculativeDecoder:
         eos = frozenset() if settings.ignore_eos else self.target.eos_token_ids
         stopper = Stopper(settings.max_new_tokens, eos, settings.stop, self.tokenizer)
         warp = Warp(settings.temperature, settings.top_k, settings.top_p)
+        plugins.notify("on_generation_start", decoder=self, prompt_ids=prompt_ids)
+
+        def step(stats: StepStats) -> None:
+            if on_step is not None:
+                on_step(stats)
+            plugins.notify("on_step", stats=stats)
+
         token_ids, metrics = speculative_decode(
             self.target, self.draft, self.strategy, prompt_ids, warp, stopper,
-            Random(settings.seed), on_tokens=on_tokens, on_step=on_step,
+            Random(settings.seed), on_tokens=on_tokens, on_step=step,
         )
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else None
-        return GenerationOutput(token_ids, text, metrics)
+        output = GenerationOutput(token_ids, text, metrics)
+        plugins.notify("on_generation_end", decoder=self, output=output)
+        return output
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -30,3 +30,20 @@ def register_backends(register):
 @hookspec
 def register_commands(cli):
     """Add commands to the ``specdec`` command line: ``cli`` is its ``click.Group``."""
+
+
+@hookspec
+def on_generation_start(decoder, prompt_ids):
+    """Called before each generation: ``decoder`` is the ``SpeculativeDecoder``, ``prompt_ids`` the
+    prompt as token ids."""
+
+
+@hookspec
+def on_step(stats):
+    """Called after each verified step with its ``specdec.metrics.StepStats`` (drafted nodes,
+    accepted tokens, draft forwards, timings)."""
+
+
+@hookspec
+def on_generation_end(decoder, output):
+    """Called after each generation with its ``GenerationOutput`` (token ids, text, metrics)."""

@@ -68,13 +68,24 @@ def _collect(hook_name: str, kind: str) -> dict[str, Component]:
                 )
             found[name] = Component(name, cls, _plugin)
 
-        try:
-            impl.function(register=register)
-        except SpecdecError:
-            raise
-        except Exception as exc:
-            raise SpecdecError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc}") from exc
+        _call(impl, hook_name, register=register)
     return found
+
+
+def _call(impl, hook_name: str, **kwargs) -> None:
+    """Call one plugin's hook; an exception inside it names the plugin."""
+    try:
+        impl.function(**{name: kwargs[name] for name in impl.argnames})
+    except SpecdecError:
+        raise
+    except Exception as exc:
+        raise SpecdecError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc}") from exc
+
+
+def notify(hook_name: str, **kwargs) -> None:
+    """Call every plugin's observer hook `hook_name` (on_generation_start, on_step, ...)."""
+    for impl in getattr(get_plugin_manager().hook, hook_name).get_hookimpls():
+        _call(impl, hook_name, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)

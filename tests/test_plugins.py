@@ -100,3 +100,71 @@ def test_plugin_options_are_validated_by_the_plugins_model(fake_distribution):
     with pytest.raises(SpecdecError, match="strategy.k: Input should be greater than or equal to 1"):
         resolve(raw)
     assert resolve({**raw, "strategy": {"name": "echo_chain"}}).strategy.options == ChainOptions()
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    @hookimpl
+    def on_generation_start(self, decoder, prompt_ids):
+        self.events.append(("start", list(prompt_ids)))
+
+    @hookimpl
+    def on_step(self, stats):
+        self.events.append(("step", stats.accepted))
+
+    @hookimpl
+    def on_generation_end(self, decoder, output):
+        self.events.append(("end", output.metrics.steps))
+
+
+def test_observers_see_every_generation_and_every_step(models):
+    from helpers import make_decoder
+
+    recorder = Recorder()
+    plugins.get_plugin_manager().register(recorder, name="recorder")
+    out = make_decoder(models("llama", 0), models("llama", 0), "chain", k=3).generate([3, 4, 5], max_new_tokens=21)
+    steps = [accepted for kind, accepted in recorder.events if kind == "step"]
+    assert recorder.events[0] == ("start", [3, 4, 5]) and recorder.events[-1] == ("end", out.metrics.steps)
+    assert len(steps) == out.metrics.steps == 5 and sum(steps) == out.metrics.accepted_tokens
+
+
+def test_an_observer_raising_is_named(models):
+    from helpers import make_decoder
+
+    class Raising:
+        @hookimpl
+        def on_step(self, stats):
+            raise ValueError("bad stats")
+
+    plugins.get_plugin_manager().register(Raising(), name="raising-plugin")
+    with pytest.raises(SpecdecError, match="plugin 'raising-plugin' failed in on_step: bad stats"):
+        make_decoder(models("llama", 0), models("llama", 0), "chain").generate([3, 4], max_new_tokens=5)
+
+
+def test_a_plugin_registers_a_backend():
+    from specdec.testing import TableBackend
+
+    class NamedTable(TableBackend):
+        name = "named_table"
+
+    class BackendPlugin:
+        @hookimpl
+        def register_backends(self, register):
+            register(NamedTable)
+
+    plugins.get_plugin_manager().register(BackendPlugin(), name="backend-plugin")
+    component = plugins.get_backend("named_table")
+    assert component.cls is NamedTable and component.plugin == "backend-plugin"
+
+
+def test_every_hookspec_has_a_test_implementing_it():
+    import inspect
+    from pathlib import Path
+
+    from specdec import hookspecs
+
+    source = Path(__file__).read_text()
+    for name, _ in inspect.getmembers(hookspecs, inspect.isfunction):
+        assert f"def {name}(" in source, f"hook {name} has no test implementing it"
