@@ -156,6 +156,22 @@ def export(model, fmt, out, dtype, opset, validate, check_dir):
         raise SpecdecError("the export does not match PyTorch within tolerance")
 
 
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
+def plugins_command(as_json):
+    """List loaded plugins (built-in and installed), their versions and hooks."""
+    from specdec.plugins import describe_plugins
+
+    rows = describe_plugins()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        provides = ", ".join(f"{kind} {', '.join(row[kind])}" for kind in ("strategies", "backends") if row[kind])
+        click.echo(f"{row['name']} ({row['distribution']} {row['version'] or '-'}): hooks {', '.join(row['hooks'])}"
+                   + (f"; {provides}" if provides else ""))
+
+
 @cli.group()
 def config():
     """Inspect configs."""

@@ -2,7 +2,8 @@
 
 Built-in components are registered through the same manager as third-party plugins (entry-point
 group `specdec`). `SPECDEC_LOAD_PLUGINS` is an allow-list of distribution names to load (comma
-separated; empty loads none); unset, every installed plugin is loaded.
+separated; empty loads none); unset, every installed plugin is loaded. `SPECDEC_BLOCK_PLUGINS`
+names distributions never to load.
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
+def _names(variable: str) -> set[str] | None:
+    value = os.environ.get(variable)
+    return None if value is None else {name.strip() for name in value.split(",") if name.strip()}
+
+
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
-    allowed = os.environ.get("SPECDEC_LOAD_PLUGINS")
-    allow = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    allow, block = _names("SPECDEC_LOAD_PLUGINS"), _names("SPECDEC_BLOCK_PLUGINS") or set()
     for ep in entry_points(group="specdec"):
         dist = ep.dist.name if ep.dist else ep.name
-        if allow is not None and dist not in allow:
+        if (allow is not None and dist not in allow) or dist in block:
             continue
         try:
             plugin = ep.load()
@@ -110,6 +115,30 @@ def _lookup(registry: dict[str, Component], name: str, kind: str) -> Component:
     if name not in registry:
         raise SpecdecError(f"unknown {kind} {name!r}; available: {', '.join(sorted(registry))}")
     return registry[name]
+
+
+def describe_plugins() -> list[dict]:
+    """Every loaded plugin: its distribution and version, its hooks, what it registered."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from specdec import __version__
+
+    pm = get_plugin_manager()
+    rows = []
+    for plugin in pm.get_plugins():
+        name = pm.get_name(plugin)
+        builtin = name in BUILTIN_PLUGINS
+        try:
+            dist_version = __version__ if builtin else version(name)
+        except PackageNotFoundError:  # registered in code rather than installed
+            dist_version = None
+        rows.append({
+            "name": name, "distribution": "specdec" if builtin else name, "version": dist_version,
+            "hooks": sorted(caller.name for caller in pm.get_hookcallers(plugin) or []),
+            "strategies": sorted(c.name for c in strategies().values() if c.plugin == name),
+            "backends": sorted(c.name for c in backends().values() if c.plugin == name),
+        })
+    return sorted(rows, key=lambda row: (row["distribution"] != "specdec", row["name"]))
 
 
 def reload_plugins() -> None:

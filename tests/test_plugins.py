@@ -1,5 +1,7 @@
 """Plugin wiring: built-ins and third-party plugins go through one pluggy manager."""
 
+import json
+
 import pytest
 
 from specdec import hookimpl, plugins
@@ -168,3 +170,21 @@ def test_every_hookspec_has_a_test_implementing_it():
     source = Path(__file__).read_text()
     for name, _ in inspect.getmembers(hookspecs, inspect.isfunction):
         assert f"def {name}(" in source, f"hook {name} has no test implementing it"
+
+
+def test_plugins_command_lists_builtin_and_installed_plugins(fake_distribution, capsys):
+    main(["plugins", "--json"])
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["specdec.strategies"]["strategies"] == ["ar", "chain", "dyspec", "gsd", "static_tree"]
+    assert rows["specdec.backends"]["hooks"] == ["register_backends"]
+    fake = rows["fake-specdec-plugin"]
+    assert fake["version"] == "0.1" and fake["hooks"] == ["register_commands", "register_strategies"]
+    assert fake["strategies"] == ["echo_chain"]
+    main(["plugins"])
+    assert "fake-specdec-plugin (fake-specdec-plugin 0.1): hooks register_commands, register_strategies" in capsys.readouterr().out
+
+
+def test_a_blocked_plugin_is_not_loaded(fake_distribution, monkeypatch):
+    monkeypatch.setenv("SPECDEC_BLOCK_PLUGINS", "fake-specdec-plugin")
+    assert "echo_chain" not in plugins.strategies()
+    assert "fake-specdec-plugin" not in {row["name"] for row in plugins.describe_plugins()}
