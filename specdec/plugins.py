@@ -20,6 +20,8 @@ from specdec import hookspecs
 from specdec.errors import SpecdecError
 
 BUILTIN_PLUGINS = ("specdec.strategies", "specdec.backends")
+# Components of plugin packages kept in this repository, named when they are not installed.
+KNOWN_PLUGINS = {"prompt_lookup": ("specdec-prompt-lookup", "./plugins/specdec-prompt-lookup")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,7 +115,11 @@ def get_backend(name: str) -> Component:
 
 def _lookup(registry: dict[str, Component], name: str, kind: str) -> Component:
     if name not in registry:
-        raise SpecdecError(f"unknown {kind} {name!r}; available: {', '.join(sorted(registry))}")
+        hint = ""
+        if name in KNOWN_PLUGINS:
+            package, path = KNOWN_PLUGINS[name]
+            hint = f"; it is provided by the plugin package {package} (pip install {path}), which is not loaded"
+        raise SpecdecError(f"unknown {kind} {name!r}; available: {', '.join(sorted(registry))}{hint}")
     return registry[name]
 
 

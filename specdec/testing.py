@@ -73,3 +73,80 @@ class TableBackend(Backend):
 
     def reset(self) -> None:
         self.committed, self.pending = [], []
+
+
+def random_table(seed: int, vocab: int, scale: float = 1.5, context: int | None = 1) -> LogitsFn:
+    """Pseudo-random logits for each (position, last `context` tokens): a position-dependent
+    Markov table when context is 1, every prefix distinct when context is None."""
+    cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def logits(prefix: tuple[int, ...]) -> torch.Tensor:
+        key = (len(prefix),) + (prefix if context is None else prefix[-context:])
+        if key not in cache:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + hash(key) % 1_000_003)
+            cache[key] = torch.randn(vocab, generator=gen, dtype=torch.float64) * scale
+        return cache[key]
+
+    return logits
+
+
+def table_greedy(logits: LogitsFn, prompt: list[int], new_tokens: int) -> list[int]:
+    """The table model's own greedy decoding."""
+    tokens = list(prompt)
+    for _ in range(new_tokens):
+        tokens.append(int(logits(tuple(tokens)).argmax()))
+    return tokens[len(prompt):]
+
+
+def _decoder(strategy, target: LogitsFn, draft: LogitsFn, vocab: int):
+    from specdec.config import GenerationOptions
+    from specdec.decoder import SpeculativeDecoder
+
+    draft_backend = TableBackend(draft, vocab) if strategy.needs_draft else None
+    return SpeculativeDecoder(TableBackend(target, vocab), draft_backend, strategy, GenerationOptions())
+
+
+def check_greedy_lossless(make_strategy: Callable, vocab: int = 6, new_tokens: int = 120, prompts: int = 3) -> None:
+    """Greedy output must equal the target's own greedy decoding, with a draft equal to the target
+    (everything accepted) and a different one. `make_strategy()` returns a fresh Strategy.
+    Raises AssertionError naming the first difference."""
+    target = random_table(101, vocab)
+    for draft_name, draft in (("same", target), ("different", random_table(202, vocab))):
+        for seed in range(prompts):
+            prompt = torch.randint(0, vocab, (5,), generator=torch.Generator().manual_seed(seed)).tolist()
+            got = _decoder(make_strategy(), target, draft, vocab).generate(prompt, max_new_tokens=new_tokens).token_ids
+            want = table_greedy(target, prompt, new_tokens)
+            if got != want:
+                first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+                raise AssertionError(f"greedy output differs from the target's at token {first} ({draft_name} draft, prompt {prompt})")
+
+
+def check_sampling_lossless(make_strategy: Callable, samples: int = 12_000, vocab: int = 4, length: int = 3,
+                            temperature: float = 1.0, delta: float = 1e-6) -> float:
+    """Sample `samples` generations of `length` tokens through the whole loop and compare the joint
+    distribution of those tokens with the target's exact one. Returns the total variation; raises
+    AssertionError when it exceeds a bound that holds with probability 1 - delta."""
+    import itertools
+    import math
+    from collections import Counter
+
+    from specdec.sampling import Warp, warp_probs
+
+    target, draft, prompt = random_table(21, vocab), random_table(22, vocab), (1, 2)
+    decoder = _decoder(make_strategy(), target, draft, vocab)
+    counts = Counter(
+        tuple(decoder.generate(list(prompt), max_new_tokens=length, temperature=temperature, seed=seed).token_ids)
+        for seed in range(samples)
+    )
+    exact = {}
+    for seq in itertools.product(range(vocab), repeat=length):
+        prob = 1.0
+        for j in range(length):
+            prob *= float(warp_probs(target(prompt + seq[:j]), Warp(temperature))[seq[j]])
+        exact[seq] = prob
+    tv = 0.5 * sum(abs(counts[s] / samples - p) for s, p in exact.items())
+    # E[TV] <= 1/2 sum sqrt(p(1-p)/N); one sample moves TV by <= 1/N (McDiarmid).
+    bound = 0.5 * sum(math.sqrt(p * (1 - p) / samples) for p in exact.values()) + math.sqrt(math.log(1 / delta) / (2 * samples))
+    if tv > bound:
+        raise AssertionError(f"sampled distribution is off: total variation {tv:.4f} > bound {bound:.4f}")
+    return tv

@@ -75,3 +75,16 @@ def repo_mirror(tmp_path_factory):
     (root / "models").mkdir()
     (root / "models" / "demo").symlink_to(repo / "models" / "demo")
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def hermetic_plugins():
+    """No installed third-party plugin loads unless a test asks for it (tests that do unset or
+    change SPECDEC_LOAD_PLUGINS and reload the plugins)."""
+    import os
+
+    from specdec.plugins import reload_plugins
+
+    os.environ["SPECDEC_LOAD_PLUGINS"] = ""
+    reload_plugins()
+    yield

@@ -87,7 +87,8 @@ def test_usage_error_is_one_line(capsys, write_config):
 
 def test_entry_point_help_does_not_import_torch():
     code = "import sys\nfrom specdec.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {k: v for k, v in os.environ.items() if k != "SPECDEC_LOAD_PLUGINS"}  # installed plugins load too
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert "Usage: specdec" in result.stdout and result.stdout.strip().endswith("False")
 
 

@@ -95,8 +95,10 @@ def test_python_examples_run(page, index, repo_mirror, pages_set_up, monkeypatch
             if line.startswith("specdec export "):
                 main(shlex.split(line)[1:])
     namespace: dict = {}
-    source = python_blocks(page)[index]
-    exec(compile(source, f"{page.name}[{index}]", "exec"), namespace)
+    blocks = python_blocks(page)
+    for number, earlier in enumerate(blocks[: index + 1]):  # a page's blocks build on each other
+        exec(compile(earlier, f"{page.name}[{number}]", "exec"), namespace)
+    source = blocks[index]
     registered = []
     for hook in ("register_strategies", "register_backends"):
         if hook in namespace:
@@ -107,4 +109,6 @@ def test_python_examples_run(page, index, repo_mirror, pages_set_up, monkeypatch
         registered += list(group.commands)
     hooks = plugin_hooks(namespace)  # a plugin snippet must match the hookspecs exactly
     checks_itself = "\nassert " in source
-    assert registered or hooks or "decoder" in namespace or checks_itself, "the example neither decoded, registered nor checked anything"
+    later = "".join(blocks[index + 1 :])
+    used_later = any(re.search(rf"\b{name}\b", later) for name in re.findall(r"^class (\w+)", source, flags=re.M))
+    assert registered or hooks or "decoder" in namespace or checks_itself or used_later, "the example neither decoded, registered nor checked anything"
