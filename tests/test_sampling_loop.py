@@ -13,13 +13,13 @@ import torch
 
 import specdec.verify
 from specdec.sampling import Warp, warp_probs
-from tables import random_logits
+from specdec.testing import random_table
 from test_tree_strategies import decoder_for
 
 VOCAB, LENGTH, SAMPLES, DELTA = 4, 3, 12_000, 1e-6
 PROMPT = (1, 2)
-TARGET = random_logits(21, VOCAB, 1.5, context=1)  # next token depends on the last token and the position
-DRAFT = random_logits(22, VOCAB, 1.5, context=1)
+TARGET = random_table(21, VOCAB, 1.5, context=1)  # next token depends on the last token and the position
+DRAFT = random_table(22, VOCAB, 1.5, context=1)
 STRATEGIES = {
     "chain": ("chain", {"k": 2}),
     "static_tree": ("static_tree", {"branching": [2, 2]}),

@@ -9,9 +9,9 @@ from specdec.config import GenerationOptions
 from specdec.decoder import SpeculativeDecoder
 from specdec.errors import SpecdecError
 from specdec.plugins import get_strategy
-from specdec.testing import TableBackend
 from specdec.tree import validate_tree
-from tables import ngram_logits, random_logits, table_greedy
+from specdec.testing import TableBackend, random_table, table_greedy
+from tables import ngram_logits
 
 
 def decoder_for(target_logits, draft_logits, vocab, strategy, **options):
@@ -58,8 +58,8 @@ def test_gsd_with_and_without_merging_gives_the_same_output():
 
 @pytest.mark.parametrize("max_nodes", [1, 4, 9, 20])
 def test_gsd_unrolled_tree_respects_max_nodes(max_nodes):
-    draft = random_logits(3, vocab=6, scale=0.5, context=1)  # flat, repetitive: many merges
-    decoder = decoder_for(random_logits(4, vocab=6), draft, 6, "gsd", max_nodes=max_nodes, max_depth=4,
+    draft = random_table(3, vocab=6, scale=0.5, context=1)  # flat, repetitive: many merges
+    decoder = decoder_for(random_table(4, vocab=6, scale=2.0, context=None), draft, 6, "gsd", max_nodes=max_nodes, max_depth=4,
                           prob_threshold=0.0, sibling_threshold=0.0, redundancy_threshold=0)
     steps = record_steps(decoder)
     decoder.generate([1, 2, 3], max_new_tokens=30)
@@ -72,7 +72,7 @@ def test_gsd_unrolled_tree_respects_max_nodes(max_nodes):
 
 
 VOCAB = 6
-DYSPEC_DRAFT = random_logits(11, VOCAB)
+DYSPEC_DRAFT = random_table(11, VOCAB, scale=2.0, context=None)
 
 
 def path_probs(prompt_and_root: tuple, depth: int) -> dict[tuple, float]:
@@ -86,7 +86,7 @@ def path_probs(prompt_and_root: tuple, depth: int) -> dict[tuple, float]:
 
 
 def first_tree(**options):
-    decoder = decoder_for(random_logits(12, VOCAB), DYSPEC_DRAFT, VOCAB, "dyspec", **options)
+    decoder = decoder_for(random_table(12, VOCAB, scale=2.0, context=None), DYSPEC_DRAFT, VOCAB, "dyspec", **options)
     steps = record_steps(decoder)
     decoder.generate([1, 2], max_new_tokens=10)
     tree = steps[0][0]
