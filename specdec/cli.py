@@ -156,6 +156,32 @@ def export(model, fmt, out, dtype, opset, validate, check_dir):
         raise SpecdecError("the export does not match PyTorch within tolerance")
 
 
+@cli.command()
+@click.argument("target")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for the draft (must not exist or be empty)")
+@click.option("--prompts", type=click.Path(dir_okay=False), help="instructions: a text file, one per line, or Spec-Bench JSONL (default: seeds shipped with specdec)")
+@click.option("--limit", type=click.IntRange(1), help="use only the first N prompts")
+@click.option("--layers", default=2, show_default=True, type=click.IntRange(1), help="draft depth (the target's first layers are copied)")
+@click.option("--init", type=click.Choice(["target", "random"]), default="target", show_default=True, help="copy the target's first layers, or start them fresh")
+@click.option("--draft-vocab", default=10240, show_default=True, type=click.IntRange(0), help="tokens in the draft's head (0 = full vocabulary)")
+@click.option("--train-minutes", default=30.0, show_default=True, type=click.FloatRange(0), help="training time budget")
+@click.option("--max-answer-tokens", default=192, show_default=True, type=click.IntRange(1), help="length of each target answer")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--seed", default=0, show_default=True, type=int)
+def distill(target, out, prompts, limit, layers, init, draft_vocab, train_minutes, max_answer_tokens, device, seed):
+    """Train a small draft for TARGET (a model folder, hub id or .gguf file) by distillation from
+    its own answers. Interrupted runs resume from OUT.distill-work/."""
+    from pathlib import Path
+
+    from specdec.distill import DistillSettings, distill as run_distill
+
+    settings = DistillSettings(prompts=prompts, limit=limit, layers=layers, init=init, draft_vocab=draft_vocab,
+                               train_minutes=train_minutes, max_answer_tokens=max_answer_tokens, device=device, seed=seed)
+    summary = run_distill(target, Path(out), settings)
+    click.echo(f"wrote {out}: held-out top-1 agreement {summary['heldout_top1_agreement']:.3f} "
+               f"(untrained {summary['untrained_top1_agreement']:.3f}) in {summary['wall_minutes']:.1f} min", err=True)
+
+
 @cli.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
 def plugins_command(as_json):

@@ -55,13 +55,13 @@ class SpeculativeDecoder:
         entries for them are not loaded."""
         if not isinstance(config, Config):
             config = load_config(config)
-        target_backend = _as_backend(target) if target is not None else _load(config.target)
+        target_backend = _as_backend(target) if target is not None else load_backend(config.target)
         component = plugins.get_strategy(config.strategy.name)
         draft_backend = None  # a configured draft is not loaded for a strategy that does not use it
         if component.cls.needs_draft and draft is not None:
             draft_backend = _as_backend(draft)
         elif component.cls.needs_draft and config.draft is not None:
-            draft_backend = _load(config.draft)
+            draft_backend = load_backend(config.draft)
         if tokenizer is None and target is None:
             tokenizer = load_tokenizer(config.target.model)
         return cls(target_backend, draft_backend, component.cls(config.strategy.options), config.generation, tokenizer)
@@ -127,10 +127,18 @@ class SpeculativeDecoder:
             )
 
 
-def _load(spec: ModelSpec) -> Backend:
+def load_backend(spec: ModelSpec) -> Backend:
+    """The configured backend over `spec.model`; a draft with a reduced vocabulary (a
+    `specdec_vocab.json` beside its weights) is wrapped so that it speaks target ids."""
+    from specdec.backends.vocab import MappedVocabBackend, read_vocab_map
+
     component = plugins.get_backend(spec.backend)
     logger.info("loading %s with the %s backend", spec.model, spec.backend)
-    return component.cls.load(spec.model, spec.options)
+    backend = component.cls.load(spec.model, spec.options)
+    vocab_map = read_vocab_map(spec.model) if Path(spec.model).expanduser().is_dir() else None
+    if vocab_map is not None:
+        backend = MappedVocabBackend(backend, vocab_map["draft_to_target"], vocab_map["target_vocab_size"])
+    return backend
 
 
 def _as_backend(model) -> Backend:

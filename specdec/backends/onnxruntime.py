@@ -21,6 +21,7 @@ import torch
 from specdec.backends.base import Backend, BackendOptions
 from specdec.errors import SpecdecError
 from specdec.export.onnx import MANIFEST, export_onnx, read_manifest
+from specdec.models import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def _eos(folder: Path) -> frozenset[int]:
 
 
 def _export_on_first_use(model: str, options: OnnxRuntimeOptions) -> Path:
-    root = Path(options.cache_dir).expanduser() if options.cache_dir else Path.home() / ".cache" / "specdec" / "onnx"
+    root = Path(options.cache_dir).expanduser() if options.cache_dir else cache_root() / "onnx"
     source = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
     folder = root / f"{Path(source).name}-{hashlib.sha256(source.encode()).hexdigest()[:12]}-{options.dtype}"
     if not (folder / MANIFEST).is_file():

@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.backends.base import Backend, BackendOptions
 from specdec.errors import SpecdecError
-from specdec.models import check_model_source, context_limit, looks_like_path
+from specdec.models import context_limit, load_error, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class PyTorchBackend(Backend):
 
     @classmethod
     def load(cls, model: str, options: PyTorchOptions) -> PyTorchBackend:
-        check_model_source(model)
+        source = resolve_source(model, options.dtype)
         kwargs = dict(
             dtype="auto" if options.dtype == "auto" else DTYPES[options.dtype],
             attn_implementation=options.attn_implementation,
@@ -58,11 +58,9 @@ class PyTorchBackend(Backend):
         if options.device_map:
             kwargs["device_map"] = options.device_map
         try:
-            hf_model = AutoModelForCausalLM.from_pretrained(model, **kwargs)
-        except (OSError, ValueError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            hint = "" if looks_like_path(model) else " (a hub id: check the name and the network; HF_HUB_OFFLINE=1 uses only the local cache)"
-            raise SpecdecError(f"could not load model {model!r}: {first_line}{hint}") from exc
+            hf_model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except Exception as exc:
+            raise load_error(model, exc) from exc
         if not options.device_map:
             hf_model = hf_model.to(options.device)
         return cls(hf_model)

@@ -17,7 +17,7 @@ from specdec import plugins
 from specdec.bench.methods import BASELINES, Method, Sample, applies, baseline, expand_sweeps, speculative
 from specdec.bench.prompts import Question, load_questions
 from specdec.config import ModelSpec, load_config
-from specdec.decoder import SpeculativeDecoder
+from specdec.decoder import SpeculativeDecoder, load_backend
 from specdec.errors import SpecdecError
 from specdec.models import load_tokenizer
 
@@ -91,7 +91,7 @@ def _decoders(settings: BenchSettings):
     def backend(spec: ModelSpec):
         key = json.dumps(spec.to_dict(), sort_keys=True)
         if key not in loaded:
-            loaded[key] = plugins.get_backend(spec.backend).cls.load(spec.model, spec.options)
+            loaded[key] = load_backend(spec)
         return loaded[key]
 
     unused = [o for o in settings.overrides if not any(applies(path, o) for path in settings.configs)]

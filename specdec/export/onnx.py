@@ -13,7 +13,7 @@ import torch
 from specdec import __version__
 from specdec.errors import SpecdecError
 from specdec.export.onnx_graph import KVShape, TreeMaskGraph, dynamic_shapes, example_inputs, input_names, output_names
-from specdec.models import check_model_source, context_limit, load_tokenizer
+from specdec.models import context_limit, load_error, load_tokenizer, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +66,15 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
 def _load(model: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    check_model_source(model)
+    source = resolve_source(model, dtype)
     for attention in ("sdpa", "eager"):  # some architectures have no SDPA path
         try:
-            return AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], attn_implementation=attention).eval()
+            return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation=attention).eval()
         except ValueError as exc:
             error = exc
-        except OSError as exc:
-            raise SpecdecError(f"could not load model {model!r}: {str(exc).splitlines()[0]}") from exc
-    raise SpecdecError(f"could not load model {model!r}: {str(error).splitlines()[0]}")
+        except Exception as exc:
+            raise load_error(model, exc) from exc
+    raise load_error(model, error)
 
 
 def _manifest(model: str, hf, shape: KVShape, dtype: str, program) -> dict:

@@ -1,0 +1,52 @@
+"""The model card `specdec distill` writes beside the draft."""
+
+from __future__ import annotations
+
+
+def model_card(s: dict) -> str:
+    settings = s["settings"]
+    vocab = (f"{s['draft_vocab']} of the target's {s['target_vocab']} tokens (`specdec_vocab.json` maps them to "
+             f"target ids; one more row stands for every other input token), covering "
+             f"{s['heldout_coverage']:.1%} of the target's held-out top-1 answer tokens"
+             if s["draft_vocab"] < s["target_vocab"] else f"the target's full vocabulary ({s['target_vocab']} tokens)")
+    return f"""# Draft model for `{s['target']}`
+
+Trained by `specdec distill` for speculative decoding with specdec: it proposes, the target verifies,
+so the output stays the target's own (lossless) whatever this draft predicts.
+
+| | |
+|---|---|
+| architecture | the target's, {len(s['layers_from_target'])} layers initialised from target layers {s['layers_from_target']} |
+| parameters | {s['parameters'] / 1e6:.1f}M |
+| vocabulary | {vocab} |
+| held-out top-1 agreement with the target | **{s['heldout_top1_agreement']:.3f}** (untrained: {s['untrained_top1_agreement']:.3f}) |
+| training | {s['steps']} steps, {s['epochs']} epochs, {s['train_minutes']:.1f} min of training |
+| wall time | {s['wall_minutes']:.1f} min in all (target answers, training, evaluation) |
+
+## Data
+
+The target's own greedy answers, rendered with its chat template, to
+{s['train_examples']} prompts ({s['train_answer_tokens']} answer tokens; prompts: {settings['prompts'] or 'the seed instructions shipped with specdec'}).
+At every answer position the target's top-{settings['topk']} log-probabilities were recorded while it generated.
+{s['heldout_examples']} prompts ({s['heldout_answer_tokens']} answer tokens) were held out; agreement is
+measured on them, teacher-forced: the share of answer positions where the draft's most likely
+token is the target's.
+
+## Objective
+
+Cross-entropy against the target's top-{settings['topk']} distribution renormalised over the draft's
+vocabulary, on answer positions only; AdamW, peak learning rate {settings['lr']}, warm-up then cosine decay,
+batches of about {settings['batch_tokens']} tokens.
+
+## Settings
+
+```json
+{_json(settings)}
+```
+"""
+
+
+def _json(data: dict) -> str:
+    import json
+
+    return json.dumps(data, indent=2)
