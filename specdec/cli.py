@@ -32,16 +32,19 @@ def cli(debug: bool) -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--prompt", help="prompt text (needs a tokenizer)")
 @click.option("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+@click.option("--chat", is_flag=True, help="send --prompt as a user message through the tokenizer's chat template")
 @click.option("--max-new-tokens", type=int, help="overrides generation.max_new_tokens")
 @click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
 @click.option("--json", "as_json", is_flag=True, help='print one JSON object {"text", "token_ids", "metrics"}')
-def run(config, prompt, prompt_ids, max_new_tokens, overrides, as_json):
+def run(config, prompt, prompt_ids, chat, max_new_tokens, overrides, as_json):
     """Generate a continuation of a prompt with the models and strategy of CONFIG."""
     from specdec.config import load_config
     from specdec.decoder import SpeculativeDecoder
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if chat and prompt is None:
+        raise click.UsageError("--chat takes the user message as --prompt TEXT")
     overrides = list(overrides)
     if max_new_tokens is not None:
         overrides.append(f"generation.max_new_tokens={max_new_tokens}")
@@ -49,7 +52,10 @@ def run(config, prompt, prompt_ids, max_new_tokens, overrides, as_json):
     decoder = SpeculativeDecoder.from_config(cfg)
     source = prompt if prompt is not None else _parse_ids(prompt_ids)
     stream = None if as_json or decoder.tokenizer is None else _TextStream(decoder.tokenizer)
-    out = decoder.generate(source, on_tokens=stream)
+    if chat:
+        out = decoder.generate(messages=[{"role": "user", "content": prompt}], on_tokens=stream)
+    else:
+        out = decoder.generate(source, on_tokens=stream)
     if as_json:
         click.echo(json.dumps({"text": out.text, "token_ids": out.token_ids, "metrics": out.metrics.to_dict()}))
         return
@@ -104,7 +110,8 @@ def _parse_ids(value: str) -> list[int]:
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="untimed runs per method first")
 @click.option("--max-new-tokens", type=click.IntRange(1), help="overrides generation.max_new_tokens")
 @click.option("--limit", type=click.IntRange(1), help="use only the first N prompts")
-def bench(configs, prompts, baselines, out, overrides, repeats, warmup, max_new_tokens, limit):
+@click.option("--chat", is_flag=True, help="send each turn as a user message through the target's chat template")
+def bench(configs, prompts, baselines, out, overrides, repeats, warmup, max_new_tokens, limit, chat):
     """Time CONFIGS against the baselines on a prompt set; write reports to --out."""
     from pathlib import Path
 
@@ -113,7 +120,7 @@ def bench(configs, prompts, baselines, out, overrides, repeats, warmup, max_new_
 
     settings = BenchSettings(
         list(configs), list(overrides), prompts, [b.strip() for b in baselines.split(",") if b.strip()],
-        repeats, warmup, max_new_tokens, limit,
+        repeats, warmup, max_new_tokens, limit, chat,
     )
     result = run_bench(settings)
     report = summarise(result)
@@ -146,14 +153,18 @@ def export(model, fmt, out, dtype, opset, validate, check_dir):
         click.echo(f"exported {model} to {out}", err=True)
         if not validate:
             return
-    result = check_export(Path(check_dir or out), model if check_dir else None)
+    folder = Path(check_dir or out)
+    result = check_export(folder, model if check_dir else None)
     sizes = ", ".join(f"{c['query']}/{c['past']}" for c in result["cases"])
     click.echo(
-        f"max |logit diff| {result['max_abs_diff']:.2e} (tolerance {result['tolerance']:.0e}); greedy choices "
-        f"agree: {'yes' if result['greedy_agree'] else 'NO'}; {len(result['cases'])} random trees (query/past {sizes})"
+        f"max |logit diff| {result['max_abs_diff']:.2e}, {result['relative_diff']:.1e} of the largest logit "
+        f"(tolerance {result['tolerance']:.0e}); max |prob diff| {result['max_prob_diff']:.1e} (tolerance "
+        f"{result['prob_tolerance']:.0e}); greedy choices agree: {'yes' if result['greedy_agree'] else 'NO'}; "
+        f"{len(result['cases'])} random trees (query/past {sizes})"
     )
     if not result["ok"]:
-        raise SpecdecError("the export does not match PyTorch within tolerance")
+        raise SpecdecError(f"the export does not match PyTorch within tolerance; it is kept in {folder} for "
+                           "inspection: delete it before using or exporting again")
 
 
 @cli.command()
@@ -165,10 +176,11 @@ def export(model, fmt, out, dtype, opset, validate, check_dir):
 @click.option("--init", type=click.Choice(["target", "random"]), default="target", show_default=True, help="copy the target's first layers, or start them fresh")
 @click.option("--draft-vocab", default=10240, show_default=True, type=click.IntRange(0), help="tokens in the draft's head (0 = full vocabulary)")
 @click.option("--train-minutes", default=30.0, show_default=True, type=click.FloatRange(0), help="training time budget")
+@click.option("--max-steps", type=click.IntRange(1), help="stop training after N steps if the time budget lasts that long")
 @click.option("--max-answer-tokens", default=192, show_default=True, type=click.IntRange(1), help="length of each target answer")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @click.option("--seed", default=0, show_default=True, type=int)
-def distill(target, out, prompts, limit, layers, init, draft_vocab, train_minutes, max_answer_tokens, device, seed):
+def distill(target, out, prompts, limit, layers, init, draft_vocab, train_minutes, max_steps, max_answer_tokens, device, seed):
     """Train a small draft for TARGET (a model folder, hub id or .gguf file) by distillation from
     its own answers. Interrupted runs resume from OUT.distill-work/."""
     from pathlib import Path
@@ -176,7 +188,7 @@ def distill(target, out, prompts, limit, layers, init, draft_vocab, train_minute
     from specdec.distill import DistillSettings, distill as run_distill
 
     settings = DistillSettings(prompts=prompts, limit=limit, layers=layers, init=init, draft_vocab=draft_vocab,
-                               train_minutes=train_minutes, max_answer_tokens=max_answer_tokens, device=device, seed=seed)
+                               train_minutes=train_minutes, max_steps=max_steps, max_answer_tokens=max_answer_tokens, device=device, seed=seed)
     summary = run_distill(target, Path(out), settings)
     click.echo(f"wrote {out}: held-out top-1 agreement {summary['heldout_top1_agreement']:.3f} "
                f"(untrained {summary['untrained_top1_agreement']:.3f}) in {summary['wall_minutes']:.1f} min", err=True)

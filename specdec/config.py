@@ -31,6 +31,7 @@ class GenerationOptions(BaseModel):
     seed: int = Field(0, description="seed of every random draw (drafting and verification)")
     ignore_eos: bool = Field(False, description="keep generating after an end-of-sequence token")
     stop: list[str] = Field(default_factory=list, description="stop after any of these strings")
+    stop_token_ids: list[int] = Field(default_factory=list, description="stop after any of these tokens (besides EOS)")
 
 
 @dataclass
@@ -81,7 +82,8 @@ def load_config(
         source, raw, base_dir = "<config>", dict(data or {}), Path.cwd()
     for override in overrides:
         apply_override(raw, override)
-    return resolve(raw, source, base_dir)
+    overridden = {o.partition("=")[0].strip() for o in overrides}
+    return resolve(raw, source, base_dir, overridden)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -116,26 +118,27 @@ def apply_override(raw: dict, override: str) -> None:
         raise SpecdecError(f"override {override!r}: value is not valid YAML") from exc
 
 
-def resolve(raw: dict, source: str = "<config>", base_dir: Path | None = None) -> Config:
+def resolve(raw: dict, source: str = "<config>", base_dir: Path | None = None, overridden: set[str] = frozenset()) -> Config:
+    """Validate raw sections -> Config. `overridden` names the keys set by -o (for error messages)."""
     from specdec import plugins
 
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise SpecdecError(f"{source}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
     base_dir = base_dir or Path.cwd()
-    target = _model_spec(raw.get("target"), "target", source, base_dir)
-    draft = _model_spec(raw["draft"], "draft", source, base_dir) if raw.get("draft") is not None else None
+    target = _model_spec(raw.get("target"), "target", source, base_dir, overridden)
+    draft = _model_spec(raw["draft"], "draft", source, base_dir, overridden) if raw.get("draft") is not None else None
     strategy_raw = _section(raw.get("strategy", {}), "strategy", source)
     name = strategy_raw.pop("name", DEFAULT_STRATEGY)
     component = _component(plugins.get_strategy, name, f"{source}: strategy.name")
-    options = _validate(component.cls.Options, strategy_raw, "strategy", source)
+    options = _validate(component.cls.Options, strategy_raw, "strategy", source, ("strategy", str(name), overridden))
     if component.cls.needs_draft and draft is None:
         raise SpecdecError(f"{source}: strategy {name!r} needs a draft model; add a `draft:` section")
     generation = _validate(GenerationOptions, _section(raw.get("generation", {}), "generation", source), "generation", source)
     return Config(target, draft, StrategySpec(str(name), options), generation, source)
 
 
-def _model_spec(value: Any, section: str, source: str, base_dir: Path) -> ModelSpec:
+def _model_spec(value: Any, section: str, source: str, base_dir: Path, overridden: set[str]) -> ModelSpec:
     from specdec import plugins
 
     if value is None:
@@ -146,7 +149,7 @@ def _model_spec(value: Any, section: str, source: str, base_dir: Path) -> ModelS
         raise SpecdecError(f"{source}: {section}.model is required (a local path or a hub id)")
     backend = str(raw.pop("backend", DEFAULT_BACKEND))
     component = _component(plugins.get_backend, backend, f"{source}: {section}.backend")
-    options = _validate(component.cls.Options, raw, section, source)
+    options = _validate(component.cls.Options, raw, section, source, ("backend", backend, overridden))
     return ModelSpec(_resolve_model_path(model, base_dir), backend, options)
 
 
@@ -171,14 +174,24 @@ def _section(value: Any, section: str, source: str) -> dict:
     return dict(value)
 
 
-def _validate(model: type[BaseModel], values: dict, section: str, source: str) -> BaseModel:
+def _validate(model: type[BaseModel], values: dict, section: str, source: str,
+              owner: tuple[str, str, set[str]] | None = None) -> BaseModel:
+    """`owner` = (kind, name of the component owning the options, keys set by -o): named in unknown-key errors."""
     try:
         return model(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in (section, *err["loc"]))
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(model.model_fields)
-            raise SpecdecError(f"{source}: unknown key {key!r}; allowed: {allowed}") from None
+            allowed = ", ".join(model.model_fields) or "none"
+            if owner is None:
+                raise SpecdecError(f"{source}: unknown key {key!r}; allowed: {allowed}") from None
+            kind, name, overridden = owner
+            origin = "set with -o" if key in overridden else f"set in {source}"
+            whole = f"{{name: {name}}}" if kind == "strategy" else f"{{model: {values.get('model', '...')}, backend: {name}}}"
+            raise SpecdecError(
+                f"{source}: {kind} {name!r} has no option {err['loc'][0]!r} ({key} is {origin}); its options: {allowed}. "
+                f"To replace the whole section, use -o '{section}={whole}'"
+            ) from None
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         raise SpecdecError(f"{source}: {key}: {err['msg']}{got}") from None

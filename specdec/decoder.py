@@ -68,21 +68,31 @@ class SpeculativeDecoder:
 
     def generate(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | None = None,
         on_tokens: Callable[[list[int]], None] | None = None,
         on_step: Callable[[StepStats], None] | None = None,
+        messages: list[dict] | None = None,
         **generation: object,
     ) -> GenerationOutput:
-        """Generate a continuation of `prompt` (text, or token ids). Keyword arguments override
+        """Generate a continuation of `prompt` (text, or token ids), or the assistant's answer to
+        chat `messages` ([{"role": "user", "content": ...}, ...], rendered by the tokenizer's chat
+        template; the answer ends at the template's end-of-turn token). Keyword arguments override
         the config's `generation` section for this call (max_new_tokens, temperature, seed, ...)."""
+        from specdec.chat import chat_prompt_ids, end_of_turn_ids
+
+        if (prompt is None) == (messages is None):
+            raise SpecdecError("give exactly one of a prompt or chat messages")
         try:
             settings = self.generation.model_copy(update=generation)
             settings = GenerationOptions.model_validate(settings.model_dump())
         except Exception as exc:
             raise SpecdecError(f"bad generation option: {exc}") from None
-        prompt_ids = self._encode(prompt)
+        prompt_ids = self._encode(prompt if messages is None else chat_prompt_ids(self.tokenizer, messages))
         self._check_budget(len(prompt_ids), settings.max_new_tokens)
         eos = frozenset() if settings.ignore_eos else self.target.eos_token_ids
+        eos |= frozenset(settings.stop_token_ids)
+        if messages is not None:
+            eos |= end_of_turn_ids(self.tokenizer)
         stopper = Stopper(settings.max_new_tokens, eos, settings.stop, self.tokenizer)
         warp = Warp(settings.temperature, settings.top_k, settings.top_p)
         plugins.notify("on_generation_start", decoder=self, prompt_ids=prompt_ids)

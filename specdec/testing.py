@@ -98,23 +98,43 @@ def table_greedy(logits: LogitsFn, prompt: list[int], new_tokens: int) -> list[i
     return tokens[len(prompt):]
 
 
-def _decoder(strategy, target: LogitsFn, draft: LogitsFn, vocab: int):
+def reduced_vocab_draft(logits: LogitsFn, draft_to_target: list[int], vocab: int) -> Backend:
+    """A draft over a reduced vocabulary, as `specdec distill` makes them: the table model `logits`
+    (in target ids) seen through draft rows `draft_to_target` plus one catch-all input row, wrapped
+    by MappedVocabBackend so that the loop talks to it in target ids."""
+    from specdec.backends.vocab import MappedVocabBackend
+
+    to_target = list(draft_to_target) + [-1]  # the catch-all row reads as token -1
+
+    def draft_logits(prefix: tuple[int, ...]) -> torch.Tensor:
+        full = logits(tuple(to_target[t] for t in prefix))  # [vocab]
+        return torch.cat([full[list(draft_to_target)], full.new_zeros(1)])  # [len(map) + 1]
+
+    return MappedVocabBackend(TableBackend(draft_logits, len(draft_to_target) + 1), list(draft_to_target), vocab)
+
+
+def _decoder(strategy, target: LogitsFn, draft: LogitsFn, vocab: int, draft_vocab: list[int] | None = None):
     from specdec.config import GenerationOptions
     from specdec.decoder import SpeculativeDecoder
 
-    draft_backend = TableBackend(draft, vocab) if strategy.needs_draft else None
+    draft_backend = None
+    if strategy.needs_draft:
+        draft_backend = TableBackend(draft, vocab) if draft_vocab is None else reduced_vocab_draft(draft, draft_vocab, vocab)
     return SpeculativeDecoder(TableBackend(target, vocab), draft_backend, strategy, GenerationOptions())
 
 
-def check_greedy_lossless(make_strategy: Callable, vocab: int = 6, new_tokens: int = 120, prompts: int = 3) -> None:
+def check_greedy_lossless(make_strategy: Callable, vocab: int = 6, new_tokens: int = 120, prompts: int = 3,
+                          draft_vocab: list[int] | None = None) -> None:
     """Greedy output must equal the target's own greedy decoding, with a draft equal to the target
     (everything accepted) and a different one. `make_strategy()` returns a fresh Strategy.
+    `draft_vocab` (target ids) restricts the draft to a reduced vocabulary.
     Raises AssertionError naming the first difference."""
     target = random_table(101, vocab)
     for draft_name, draft in (("same", target), ("different", random_table(202, vocab))):
         for seed in range(prompts):
             prompt = torch.randint(0, vocab, (5,), generator=torch.Generator().manual_seed(seed)).tolist()
-            got = _decoder(make_strategy(), target, draft, vocab).generate(prompt, max_new_tokens=new_tokens).token_ids
+            decoder = _decoder(make_strategy(), target, draft, vocab, draft_vocab)
+            got = decoder.generate(prompt, max_new_tokens=new_tokens).token_ids
             want = table_greedy(target, prompt, new_tokens)
             if got != want:
                 first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
@@ -122,10 +142,11 @@ def check_greedy_lossless(make_strategy: Callable, vocab: int = 6, new_tokens: i
 
 
 def check_sampling_lossless(make_strategy: Callable, samples: int = 12_000, vocab: int = 4, length: int = 3,
-                            temperature: float = 1.0, delta: float = 1e-6) -> float:
+                            temperature: float = 1.0, delta: float = 1e-6, draft_vocab: list[int] | None = None) -> float:
     """Sample `samples` generations of `length` tokens through the whole loop and compare the joint
-    distribution of those tokens with the target's exact one. Returns the total variation; raises
-    AssertionError when it exceeds a bound that holds with probability 1 - delta."""
+    distribution of those tokens with the target's exact one (`draft_vocab`: a reduced draft
+    vocabulary, in target ids). Returns the total variation; raises AssertionError when it exceeds
+    a bound that holds with probability 1 - delta."""
     import itertools
     import math
     from collections import Counter
@@ -133,7 +154,7 @@ def check_sampling_lossless(make_strategy: Callable, samples: int = 12_000, voca
     from specdec.sampling import Warp, warp_probs
 
     target, draft, prompt = random_table(21, vocab), random_table(22, vocab), (1, 2)
-    decoder = _decoder(make_strategy(), target, draft, vocab)
+    decoder = _decoder(make_strategy(), target, draft, vocab, draft_vocab)
     counts = Counter(
         tuple(decoder.generate(list(prompt), max_new_tokens=length, temperature=temperature, seed=seed).token_ids)
         for seed in range(samples)

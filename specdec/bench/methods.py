@@ -33,7 +33,7 @@ class Method:
     name: str
     strategy: str
     backend: str
-    generate: Callable[[list[int], int], Sample]  # (prompt ids, max_new_tokens) -> Sample
+    generate: Callable[[list[int], int, frozenset[int]], Sample]  # (prompt ids, max_new_tokens, stop ids) -> Sample
 
 
 def expand_sweeps(path: str, overrides: list[str]) -> list[tuple[str, list[str]]]:
@@ -74,10 +74,11 @@ def _valid(path: str, overrides: list[str]) -> bool:
 
 
 def speculative(name: str, decoder: SpeculativeDecoder) -> Method:
-    def generate(prompt: list[int], max_new_tokens: int) -> Sample:
+    def generate(prompt: list[int], max_new_tokens: int, stop: frozenset[int] = frozenset()) -> Sample:
         lengths: list[int] = []
         start = time.perf_counter()
-        out = decoder.generate(prompt, max_new_tokens=max_new_tokens, on_step=lambda s: lengths.append(s.accepted + 1))
+        out = decoder.generate(prompt, max_new_tokens=max_new_tokens, stop_token_ids=sorted(stop),
+                               on_step=lambda s: lengths.append(s.accepted + 1))
         return Sample(out.token_ids, time.perf_counter() - start, lengths, out.metrics)
 
     return Method(name, decoder.strategy.name, type(decoder.target).name, generate)
@@ -99,22 +100,49 @@ def baseline(name: str, reference: SpeculativeDecoder, config: Config) -> Method
     if name == "hf-assisted":
         if reference.draft is None:
             raise SpecdecError("the hf-assisted baseline needs a draft model in the first config")
-        kwargs["assistant_model"] = _hf_model(reference.draft, "draft")
+        kwargs["assistant_model"] = _hf_draft(reference.draft)
     elif name == "hf-prompt-lookup":
         kwargs["prompt_lookup_num_tokens"] = 10
     eos = sorted(reference.target.eos_token_ids)
 
     @torch.inference_mode()
-    def generate(prompt: list[int], max_new_tokens: int) -> Sample:
+    def generate(prompt: list[int], max_new_tokens: int, stop: frozenset[int] = frozenset()) -> Sample:
         ids = torch.tensor([prompt], device=target.device)
         start = time.perf_counter()
         out = target.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=eos[0] if eos else 0, **kwargs,
+            pad_token_id=eos[0] if eos else 0, eos_token_id=sorted(set(eos) | stop) or None, **kwargs,
         )
         return Sample(out[0, len(prompt):].tolist(), time.perf_counter() - start, [], None)
 
     return Method(name, "-", "transformers", generate)
+
+
+def _hf_draft(backend):
+    """The draft as a transformers model over the target's vocabulary. A reduced-vocabulary draft
+    becomes a copy whose embedding is indexed by target ids and whose head scatters its logits into
+    the target vocabulary (-inf elsewhere): the same proposals as in specdec's loop."""
+    from specdec.backends.vocab import MappedVocabBackend
+
+    if not isinstance(backend, MappedVocabBackend):
+        return _hf_model(backend, "draft")
+    import copy
+
+    model = copy.deepcopy(_hf_model(backend.inner, "draft"))
+    weight = model.get_input_embeddings().weight.detach()
+    model.set_input_embeddings(torch.nn.Embedding.from_pretrained(weight[backend.target_to_draft], freeze=True))
+    model.lm_head = _ScatterHead(model.lm_head, backend)
+    model.config.vocab_size = backend.vocab_size
+    return model
+
+
+class _ScatterHead(torch.nn.Module):
+    def __init__(self, head: torch.nn.Module, mapped):
+        super().__init__()
+        self.head, self.to_target = head, mapped._to_target
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.to_target(self.head(hidden))
 
 
 def _hf_model(backend, role: str):

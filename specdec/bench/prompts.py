@@ -24,11 +24,17 @@ def load_questions(path: str | Path | None = None, limit: int | None = None) -> 
     if not path.is_file():
         raise SpecdecError(f"prompt file {str(path)!r} does not exist")
     questions = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SpecdecError(f"{path}:{number}: not UTF-8 text; save the prompt file as UTF-8 JSON lines") from None
         if not line.strip():
             continue
         try:
             record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("each line must be a JSON object with `turns`")
             turns = record["turns"]
             if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
                 raise ValueError("`turns` must be a non-empty list of strings")

@@ -32,6 +32,7 @@ class BenchSettings:
     warmup: int = 1
     max_new_tokens: int | None = None
     limit: int | None = None
+    chat: bool = False  # turns are user messages rendered by the chat template
 
 
 @dataclass
@@ -46,25 +47,29 @@ class BenchResult:
 
 
 def run_bench(settings: BenchSettings) -> BenchResult:
+    from specdec.chat import chat_prompt_ids
+
     questions = load_questions(settings.prompts, settings.limit)
     decoders, first_config = _decoders(settings)
     reference = decoders[0][1]
     if reference.tokenizer is None:
         raise SpecdecError("bench needs a tokenizer with the target model to encode the prompts")
+    if settings.chat:
+        chat_prompt_ids(reference.tokenizer, [{"role": "user", "content": questions[0].turns[0]}])  # fail early
     names = ["ar"] + [b for b in settings.baselines if b != "ar"]  # ar is the reference of every speedup
     methods = [baseline(b, reference, first_config) for b in names]
     methods += [speculative(name, decoder) for name, decoder in decoders]
     max_new = settings.max_new_tokens or first_config.generation.max_new_tokens
     for method in methods:
         for _ in range(settings.warmup):
-            method.generate(reference.tokenizer(questions[0].turns[0])["input_ids"], min(16, max_new))
+            _conversation(method, questions[0], reference.tokenizer, min(16, max_new), settings.chat)
     samples: dict[str, list] = {m.name: [] for m in methods}
     bar = tqdm(total=settings.repeats * len(methods) * len(questions), desc="bench", file=sys.stderr, unit="prompt")
     for _ in range(settings.repeats):
         for method in methods:
             runs = []
             for question in questions:
-                runs.append(_conversation(method, question, reference.tokenizer, max_new))
+                runs.append(_conversation(method, question, reference.tokenizer, max_new, settings.chat))
                 bar.update()
             samples[method.name].append(runs)
     bar.close()
@@ -72,14 +77,23 @@ def run_bench(settings: BenchSettings) -> BenchResult:
     return BenchResult(methods, questions, samples, max_new, greedy, settings, reference.tokenizer)
 
 
-def _conversation(method: Method, question: Question, tokenizer, max_new: int) -> list[Sample]:
+def _conversation(method: Method, question: Question, tokenizer, max_new: int, chat: bool) -> list[Sample]:
     """Each turn continues the previous turns and this method's own answers."""
+    from specdec.chat import chat_prompt_ids, end_of_turn_ids
+
     context: list[int] = []
+    messages: list[dict] = []
+    stop = end_of_turn_ids(tokenizer) if chat else frozenset()
     out = []
     for number, turn in enumerate(question.turns):
-        context += tokenizer(turn, add_special_tokens=number == 0)["input_ids"]
-        sample = method.generate(context, max_new)
+        if chat:
+            messages.append({"role": "user", "content": turn})
+            context = chat_prompt_ids(tokenizer, messages)
+        else:
+            context += tokenizer(turn, add_special_tokens=number == 0)["input_ids"]
+        sample = method.generate(context, max_new, stop)
         context += sample.token_ids
+        messages.append({"role": "assistant", "content": tokenizer.decode(sample.token_ids, skip_special_tokens=True)})
         out.append(sample)
     return out
 

@@ -40,6 +40,7 @@ class DistillSettings:
     init: str = "target"  # "target": copy the target's first `layers` layers; "random": fresh layers
     draft_vocab: int = 10240  # 0 = the target's full vocabulary
     train_minutes: float = 30.0
+    max_steps: int | None = None  # stop earlier after this many steps (deterministic runs)
     batch_tokens: int = 4096
     max_len: int = 1024
     lr: float = 5e-4
@@ -50,20 +51,29 @@ class DistillSettings:
 
     def identity(self) -> dict:
         """The settings a resumed run must share with the run it resumes."""
-        return {k: v for k, v in asdict(self).items() if k not in ("train_minutes", "device")}
+        return {k: v for k, v in asdict(self).items() if k not in ("train_minutes", "max_steps", "device")}
 
 
 def distill(target: str, out: Path, settings: DistillSettings) -> dict:
     """Train a draft for `target` into `out`; returns the summary written to the model card."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SpecdecError(f"output folder {str(out)!r} is not empty; remove it or choose another --out")
+    work = out.with_name(out.name + ".distill-work")
+    state = _open_work(work, target, settings)
+    started = time.perf_counter()
+    try:
+        return _run(target, out, work, state, started, settings)
+    finally:  # an interrupted run's time counts towards the card's wall time when it resumes
+        if work.is_dir():
+            state["minutes_before"] += (time.perf_counter() - started) / 60
+            (work / "state.json").write_text(json.dumps(state))
+
+
+def _run(target: str, out: Path, work: Path, state: dict, started: float, settings: DistillSettings) -> dict:
     from specdec.distill.data import choose_vocab, coverage, read_prompts
     from specdec.distill.draft import build_draft
     from specdec.models import load_tokenizer
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SpecdecError(f"output folder {str(out)!r} is not empty; remove it or choose another --out")
-    work = out.with_name(out.name + ".distill-work")
-    started = time.perf_counter()
-    state = _open_work(work, target, settings)
     torch.manual_seed(settings.seed)
     model, tokenizer = _load_target(target, settings.device)
     prompts = read_prompts(settings.prompts)
@@ -180,16 +190,17 @@ def _train(draft, train_ex, eval_ex, t2d, settings: DistillSettings, work: Path,
         optimizer.load_state_dict(saved["optimizer"])
         done, steps, epoch = saved["seconds"], saved["steps"], saved["epoch"]
     budget = settings.train_minutes * 60
+    max_steps = settings.max_steps or float("inf")
     bar = tqdm(total=round(budget), initial=round(done), desc="train (seconds)", file=sys.stderr)
     last_save = time.perf_counter()
-    while done < budget:
+    while done < budget and steps < max_steps:
         for batch in batches(train_ex, settings.batch_tokens, settings.max_len, random.Random(settings.seed + epoch)):
-            if done >= budget:
+            if done >= budget or steps >= max_steps:
                 break
             tick = time.perf_counter()
             draft.train()
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(done / budget, settings.lr)
+                group["lr"] = learning_rate(max(done / budget, steps / max_steps), settings.lr)
             loss, agree, count = step_loss(draft, batch, t2d, settings.max_len)
             optimizer.zero_grad()
             loss.backward()

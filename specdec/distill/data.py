@@ -45,9 +45,10 @@ def read_prompts(path: str | Path | None) -> list[str]:
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
     """The prompt as the model's chat template renders a user turn (plain text without one)."""
-    if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True)["input_ids"])
+    from specdec.chat import chat_prompt_ids, has_template
+
+    if has_template(tokenizer):
+        return chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt)["input_ids"]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +21,10 @@ logger = logging.getLogger(__name__)
 MANIFEST = "specdec_export.json"
 FORMAT, FORMAT_VERSION = "specdec-onnx", 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
-TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
+# Float reordering noise grows with depth and logit scale: the logit error is judged relative to
+# the largest |logit|, next to the probabilities' error and the greedy choices.
+RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+PROB_TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
 
 
 def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None = None) -> Path:
@@ -34,12 +38,19 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
         raise SpecdecError("exporting to ONNX needs onnx and onnxscript: pip install 'specdec[onnx]'") from None
     if out.exists() and any(out.iterdir()):
         raise SpecdecError(f"output folder {str(out)!r} is not empty; remove it or choose another --out")
+    from tqdm import tqdm
+
+    from specdec.backends.vocab import VOCAB_FILE
+
+    phases = tqdm(total=3, desc=f"export {Path(model).name}: load", file=sys.stderr, bar_format="{desc} [{n}/{total}, {elapsed}]")
     hf = _load(model, dtype)
     check_architecture(hf)
     shape = KVShape.of(hf.config)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    phases.update()
+    phases.set_description(f"export {Path(model).name}: trace and convert (minutes for a real model)")
     try:
         with torch.no_grad():
             program = torch.onnx.export(
@@ -47,8 +58,13 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
                 dynamic_shapes=dynamic_shapes(shape.layers), dynamo=True, opset_version=opset,
                 input_names=input_names(shape.layers), output_names=output_names(shape.layers),
             )
+        phases.update()
+        phases.set_description(f"export {Path(model).name}: save")
         large = sum(p.numel() * p.element_size() for p in hf.parameters()) > 1 << 30
         program.save(str(partial / "model.onnx"), external_data=large)
+        vocab_map = Path(resolve_source(model, dtype)) / VOCAB_FILE
+        if vocab_map.is_file():  # a reduced-vocabulary draft: the map travels with the graph
+            shutil.copy(vocab_map, partial / VOCAB_FILE)
         hf.config.save_pretrained(partial)
         if hf.generation_config is not None:
             hf.generation_config.save_pretrained(partial)
@@ -58,7 +74,9 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
         (partial / MANIFEST).write_text(json.dumps(_manifest(model, hf, shape, dtype, program), indent=2) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         partial.rename(out)
+        phases.update()
     finally:
+        phases.close()
         shutil.rmtree(partial, ignore_errors=True)
     return out
 
@@ -116,14 +134,17 @@ def read_manifest(folder: Path) -> dict:
 
 def check_export(folder: Path, model: str | None = None, cases=((1, 7), (6, 11), (9, 0), (4, 33))) -> dict:
     """Run random trees of (query, past) sizes the export never saw through the graph and
-    through PyTorch -> {"max_abs_diff", "greedy_agree", "tolerance", "ok", "cases"}."""
+    through PyTorch -> {"max_abs_diff", "relative_diff", "max_prob_diff", "greedy_agree", "tolerance",
+    "prob_tolerance", "ok", "cases"}. Greedy choices must agree wherever the top two logits are
+    further apart than the measured error (closer ones are ties within float noise)."""
     from specdec.backends.onnxruntime import create_session
 
     manifest = read_manifest(folder)
     hf = _load(model or manifest["source_model"], manifest["dtype"])
     session = create_session(Path(folder), providers=["CPUExecutionProvider"], intra_op_threads=0)
     shape, gen = KVShape.of(hf.config), torch.Generator().manual_seed(0)
-    worst, agree, rows = 0.0, True, []
+    worst = relative = prob_worst = 0.0
+    agree, rows = True, []
     for query, past in cases:
         ids, positions, mask, kv = _random_tree(shape, manifest["vocab_size"], hf.dtype, query, past, gen)
         feed = {"input_ids": ids.numpy(), "position_ids": positions.numpy(), "attention_mask": mask.numpy()}
@@ -132,11 +153,17 @@ def check_export(folder: Path, model: str | None = None, cases=((1, 7), (6, 11),
         with torch.no_grad():
             expected = TreeMaskGraph(hf)(ids, positions, mask, kv)[0].float()
         diff = float((logits - expected).abs().max())
-        same = bool((logits.argmax(-1) == expected.argmax(-1)).all())
-        worst, agree = max(worst, diff), agree and same
-        rows.append({"query": query, "past": past, "max_abs_diff": diff, "greedy_agree": same})
-    tolerance = TOLERANCE[manifest["dtype"]]
-    return {"max_abs_diff": worst, "greedy_agree": agree, "tolerance": tolerance, "ok": worst <= tolerance and agree, "cases": rows}
+        prob_diff = float((logits.softmax(-1) - expected.softmax(-1)).abs().max())
+        top2 = expected.topk(2, dim=-1).values
+        decided = (top2[..., 0] - top2[..., 1]) > 2 * diff
+        same = bool((logits.argmax(-1) == expected.argmax(-1))[decided].all())
+        worst, prob_worst, agree = max(worst, diff), max(prob_worst, prob_diff), agree and same
+        relative = max(relative, diff / max(float(expected.abs().max()), 1e-6))
+        rows.append({"query": query, "past": past, "max_abs_diff": diff, "max_prob_diff": prob_diff, "greedy_agree": same})
+    tolerance, prob_tolerance = RELATIVE_TOLERANCE[manifest["dtype"]], PROB_TOLERANCE[manifest["dtype"]]
+    ok = relative <= tolerance and prob_worst <= prob_tolerance and agree
+    return {"max_abs_diff": worst, "relative_diff": relative, "max_prob_diff": prob_worst, "greedy_agree": agree,
+            "tolerance": tolerance, "prob_tolerance": prob_tolerance, "ok": ok, "cases": rows}
 
 
 def _random_tree(shape: KVShape, vocab: int, dtype, query: int, past: int, gen):
