@@ -83,3 +83,57 @@ def test_an_override_that_fits_no_config_is_refused(repo_mirror, monkeypatch, ca
         main(["bench", "configs/chain.yaml", "-o", "strategy.max_nodes=[4,8]", "--limit", "1"])
     assert info.value.code == 1
     assert capsys.readouterr().err == "error: override 'strategy.max_nodes=[4,8]' fits none of the configs\n"
+
+
+@pytest.fixture(scope="module")
+def chat_pair(tmp_path_factory):
+    """The demo target with a chat template, and a reduced-vocabulary copy of the demo draft."""
+    from pathlib import Path
+
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specdec.backends.vocab import write_vocab_map
+    from specdec.distill.draft import build_draft
+
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo"
+    root = tmp_path_factory.mktemp("chat_pair")
+    target = root / "target"
+    target.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (target / name).symlink_to(demo / "target" / name)
+    tokenizer = AutoTokenizer.from_pretrained(demo / "target")
+    tokenizer.chat_template = "{% for m in messages %}# {{ m.role }}: {{ m.content }}<|endoftext|>{% endfor %}# assistant:\n"
+    tokenizer.save_pretrained(target)
+    vocab = list(range(0, 4096, 3))  # a third of the tokens: many target choices fall outside
+    build_draft(AutoModelForCausalLM.from_pretrained(demo / "draft"), [0, 1], vocab).save_pretrained(root / "draft")
+    write_vocab_map(root / "draft", vocab, 4096)
+    configs = []
+    for name, strategy in (("chain", {"name": "chain", "k": 3}), ("ar", {"name": "ar"})):
+        data = {"target": {"model": str(target)}, "draft": {"model": str(root / "draft")}, "strategy": strategy}
+        configs.append(root / f"{name}.yaml")
+        configs[-1].write_text(yaml.safe_dump(data))
+    return configs
+
+
+def test_chat_bench_with_a_reduced_vocabulary_draft(chat_pair, prompts, tmp_path):
+    out = tmp_path / "bench"
+    main(["bench", *map(str, chat_pair), "--chat", "--prompts", str(prompts), "--repeats", "1", "--warmup", "0",
+          "--max-new-tokens", "10", "--baselines", "ar,hf-assisted", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    runs = {r["name"]: r for r in report["runs"]}
+    assert list(runs) == ["ar", "hf-assisted", "chain", "ar (config)"]  # a config named like a baseline keeps both
+    assert all(r["outputs_match_ar"] is True for r in runs.values())
+    assert set(runs["chain"]["tau_by_category"]) == {"code"} and runs["chain"]["tau_by_category"]["code"] >= 1
+    assert "by category" in (out / "report.md").read_text()
+    answers = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    follow_up = next(a for a in answers if a["question_id"] == "q2" and a["model_id"] == "chain")
+    assert len(follow_up["choices"][0]["turns"]) == 2
+
+
+def test_chat_bench_without_a_template_is_one_line(repo_mirror, monkeypatch, prompts, capsys):
+    monkeypatch.chdir(repo_mirror)
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "configs/chain.yaml", "--chat", "--prompts", str(prompts), "--baselines", "ar"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 1 and len(err) == 1 and "no chat template" in err[0]

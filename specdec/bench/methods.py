@@ -95,12 +95,12 @@ def baseline(name: str, reference: SpeculativeDecoder, config: Config) -> Method
         return speculative("ar", ar)
     if name not in BASELINES:
         raise SpecdecError(f"unknown baseline {name!r}; available: {', '.join(BASELINES)}")
-    target = _hf_model(reference.target, "target")
+    target = _hf_model(reference.target, config.target.model)
     kwargs: dict = {}
     if name == "hf-assisted":
         if reference.draft is None:
             raise SpecdecError("the hf-assisted baseline needs a draft model in the first config")
-        kwargs["assistant_model"] = _hf_draft(reference.draft)
+        kwargs["assistant_model"] = _hf_draft(reference.draft, config.draft.model)
     elif name == "hf-prompt-lookup":
         kwargs["prompt_lookup_num_tokens"] = 10
     eos = sorted(reference.target.eos_token_ids)
@@ -118,22 +118,22 @@ def baseline(name: str, reference: SpeculativeDecoder, config: Config) -> Method
     return Method(name, "-", "transformers", generate)
 
 
-def _hf_draft(backend):
+def _hf_draft(backend, model: str):
     """The draft as a transformers model over the target's vocabulary. A reduced-vocabulary draft
     becomes a copy whose embedding is indexed by target ids and whose head scatters its logits into
     the target vocabulary (-inf elsewhere): the same proposals as in specdec's loop."""
     from specdec.backends.vocab import MappedVocabBackend
 
     if not isinstance(backend, MappedVocabBackend):
-        return _hf_model(backend, "draft")
+        return _hf_model(backend, model)
     import copy
 
-    model = copy.deepcopy(_hf_model(backend.inner, "draft"))
-    weight = model.get_input_embeddings().weight.detach()
-    model.set_input_embeddings(torch.nn.Embedding.from_pretrained(weight[backend.target_to_draft], freeze=True))
-    model.lm_head = _ScatterHead(model.lm_head, backend)
-    model.config.vocab_size = backend.vocab_size
-    return model
+    hf = copy.deepcopy(_hf_model(backend.inner, model))
+    weight = hf.get_input_embeddings().weight.detach()
+    hf.set_input_embeddings(torch.nn.Embedding.from_pretrained(weight[backend.target_to_draft], freeze=True))
+    hf.lm_head = _ScatterHead(hf.lm_head, backend)
+    hf.config.vocab_size = backend.vocab_size
+    return hf
 
 
 class _ScatterHead(torch.nn.Module):
@@ -145,8 +145,19 @@ class _ScatterHead(torch.nn.Module):
         return self.to_target(self.head(hidden))
 
 
-def _hf_model(backend, role: str):
-    model = getattr(backend, "model", None)
-    if model is None or not hasattr(model, "generate"):
-        raise SpecdecError(f"the hf baselines need the {role} on the pytorch backend")
-    return model
+def _hf_model(backend, model: str):
+    """The transformers model behind a backend: the PyTorch backend's own, else `model` (or the
+    source of an ONNX export) loaded in float32 on the CPU."""
+    if hasattr(getattr(backend, "model", None), "generate"):
+        return backend.model
+    from transformers import AutoModelForCausalLM
+
+    from specdec.export.onnx import MANIFEST, read_manifest
+    from specdec.models import load_error, resolve_source
+
+    if (Path(model).expanduser() / MANIFEST).is_file():
+        model = read_manifest(Path(model).expanduser())["source_model"]
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve_source(model), dtype=torch.float32).eval()
+    except Exception as exc:
+        raise load_error(model, exc) from exc

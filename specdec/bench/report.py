@@ -41,11 +41,20 @@ def summarise(result: BenchResult) -> dict:
             "verify_time_share": total.target_forward_seconds / step if step else None,
             "other_time_share": total.outside_forward_share if step else None,
             "acceptance_by_depth": total.acceptance_by_depth if total else [],
+            "tau_by_category": _tau_by_category(result.questions, samples[0]) if total else {},
             "merged_share": total.merged_share if total and total.merged_hits else None,
             "outputs_match_ar": (not mismatches) if result.greedy else None,
             "mismatched_prompts": [result.questions[q].question_id for q in mismatches] if result.greedy else [],
         })
     return {"device": device_description(), "versions": versions(), "settings": _settings(result), "runs": runs}
+
+
+def _tau_by_category(questions, per_question: list[list]) -> dict[str, float]:
+    """Mean accepted length over each category's prompts (first repeat)."""
+    grouped: dict[str, list[GenerationMetrics]] = {}
+    for question, turns in zip(questions, per_question):
+        grouped.setdefault(question.category or "-", []).extend(s.metrics for s in turns if s.metrics is not None)
+    return {category: _merge(metrics).mean_accepted_length for category, metrics in grouped.items() if metrics}
 
 
 def _flat(per_question: list[list]) -> list:
@@ -147,6 +156,14 @@ def markdown(report: dict) -> str:
             f"{_cell(r['draft_time_share'], '.0%')} | {_cell(r['verify_time_share'], '.0%')} | "
             f"{_cell(r['other_time_share'], '.0%')} | {match} |"
         )
+    categories = sorted({c for r in report["runs"] for c in r["tau_by_category"]})
+    if categories:
+        lines += ["", "tau (mean accepted length) by category:", "",
+                  "| method | " + " | ".join(categories) + " |", "|---|" + "---:|" * len(categories)]
+        for r in report["runs"]:
+            if r["tau_by_category"]:
+                cells = " | ".join(_cell(r["tau_by_category"].get(c), ".2f") for c in categories)
+                lines.append(f"| {r['name']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

@@ -58,7 +58,8 @@ def run_bench(settings: BenchSettings) -> BenchResult:
         chat_prompt_ids(reference.tokenizer, [{"role": "user", "content": questions[0].turns[0]}])  # fail early
     names = ["ar"] + [b for b in settings.baselines if b != "ar"]  # ar is the reference of every speedup
     methods = [baseline(b, reference, first_config) for b in names]
-    methods += [speculative(name, decoder) for name, decoder in decoders]
+    taken = set(names)  # a config named like a baseline (e.g. ar.yaml) keeps both, apart
+    methods += [speculative(name if name not in taken else f"{name} (config)", decoder) for name, decoder in decoders]
     max_new = settings.max_new_tokens or first_config.generation.max_new_tokens
     for method in methods:
         for _ in range(settings.warmup):
