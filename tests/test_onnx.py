@@ -45,6 +45,23 @@ def test_export_matches_pytorch_at_unseen_sizes(arch, exports):
     assert {(c["query"], c["past"]) for c in result["cases"]} >= {(1, 7), (9, 0)}  # the export saw 3 / 5
 
 
+def test_validation_against_another_model_fails_and_keeps_the_export(exports, tmp_path, capsys):
+    from conftest import cached_model
+    from specdec.cli import main
+
+    _, folder = exports["llama"]
+    cached_model("llama", 1).save_pretrained(tmp_path / "other")
+    result = check_export(folder, str(tmp_path / "other"))
+    assert not result["ok"] and result["relative_diff"] > result["tolerance"] and result["max_prob_diff"] > 1e-3
+    with pytest.raises(SystemExit) as info:
+        main(["export", str(tmp_path / "other"), "--check", str(folder)])
+    captured = capsys.readouterr()
+    assert info.value.code == 1 and "of the largest logit" in captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "kept in" in errors[0] and "Traceback" not in captured.err
+    assert (folder / "model.onnx").is_file()
+
+
 @pytest.mark.parametrize("strategy, options", [("chain", {"k": 3}), ("static_tree", {"branching": [2, 2]}),
                                                ("gsd", {"max_nodes": 12}), ("dyspec", {"max_nodes": 8})])
 @pytest.mark.parametrize("placement", ["target", "draft", "both"])
