@@ -56,13 +56,22 @@ def check_gguf(path: Path) -> None:
             )
 
 
+def source_key(model: str) -> str:
+    """A short key for a model source that changes when a local file or folder's files change."""
+    path = Path(model).expanduser()
+    identity = model
+    if path.exists():
+        files = [path] if path.is_file() else [f for f in path.iterdir() if f.is_file()]
+        stats = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        identity = f"{path.resolve()}:{stats}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
 def gguf_folder(path: Path, dtype: str | None = "float32") -> Path:
     """The cached Hugging Face folder of a GGUF file in `dtype`, converting it on first use.
     `dtype=None` takes any conversion already made (e.g. to read the tokenizer), else float32."""
     check_gguf(path)
-    stat = path.resolve().stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    stem = cache_root() / "gguf" / f"{path.stem}-{key}"
+    stem = cache_root() / "gguf" / f"{path.stem}-{source_key(str(path))}"
     if dtype is None:
         made = [f for f in sorted(stem.parent.glob(f"{stem.name}-*")) if (f / "config.json").is_file()]
         if made:

@@ -8,7 +8,6 @@ folder and says so.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -21,7 +20,7 @@ import torch
 from specdec.backends.base import Backend, BackendOptions
 from specdec.errors import SpecdecError
 from specdec.export.onnx import MANIFEST, export_onnx, read_manifest
-from specdec.models import cache_root
+from specdec.models import cache_root, source_key
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ def _eos(folder: Path) -> frozenset[int]:
 def _export_on_first_use(model: str, options: OnnxRuntimeOptions) -> Path:
     root = Path(options.cache_dir).expanduser() if options.cache_dir else cache_root() / "onnx"
     source = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
-    folder = root / f"{Path(source).name}-{hashlib.sha256(source.encode()).hexdigest()[:12]}-{options.dtype}"
+    folder = root / f"{Path(source).name}-{source_key(source)}-{options.dtype}"
     if not (folder / MANIFEST).is_file():
         logger.warning("exporting %s to ONNX in %s (first use; later runs reuse it)", model, folder)
         export_onnx(source, folder, options.dtype)
