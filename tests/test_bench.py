@@ -75,6 +75,12 @@ def test_bad_prompt_files_give_one_line(tmp_path):
         load_questions(bad)
     with pytest.raises(SpecdecError, match="does not exist"):
         load_questions(tmp_path / "nope.jsonl")
+    bad.write_text('{"turns": ["x"]}\n["a list"]\n')
+    with pytest.raises(SpecdecError, match=r"bad.jsonl:2: .*must be a JSON object"):
+        load_questions(bad)
+    bad.write_bytes(b'{"turns": ["x"]}\n\xff\xfe\n')
+    with pytest.raises(SpecdecError, match=r"bad.jsonl:2: not UTF-8"):
+        load_questions(bad)
 
 
 def test_an_override_that_fits_no_config_is_refused(repo_mirror, monkeypatch, capsys):

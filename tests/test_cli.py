@@ -54,7 +54,10 @@ def test_config_schema_covers_registered_components(capsys):
         (["-o", "target.model=/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
         (["-o", "strategy.name=nope"], "unknown strategy 'nope'; available: ar, chain, dyspec, gsd, static_tree"),
         (["-o", "draft.backend=nope"], "unknown backend 'nope'"),
-        (["-o", "strategy.depth=3"], "unknown key 'strategy.depth'; allowed: k, adaptive, min_k, max_k"),
+        (["-o", "strategy.depth=3"], "strategy 'chain' has no option 'depth' (strategy.depth is set with -o); "
+                                     "its options: k, adaptive, min_k, max_k"),
+        (["-o", "strategy.name=ar"], "strategy 'ar' has no option 'k' (strategy.k is set in "),
+        (["-o", "strategy.name=ar"], "To replace the whole section, use -o 'strategy={name: ar}'"),
         (["-o", "strategy.k=[1"], "value is not valid YAML"),
         (["-o", "generation.temperature=hot"], "generation.temperature: Input should be a valid number"),
         (["-o", "draft.model={other_vocab}"], "draft and target vocabularies differ (80 vs 96 tokens)"),
@@ -73,6 +76,18 @@ def test_bad_input_gives_one_clear_line(capsys, write_config, model_dirs, args, 
     assert code != 0
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert out == ""
+
+
+def test_a_truncated_weights_file_is_one_line(capsys, write_config, model_dirs, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dirs / "target", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, out, err = run_cli(capsys, "run", str(write_config(target={"model": str(broken)})), "--prompt-ids", "1,2")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: could not load model") and "truncated or corrupt" in err
 
 
 def test_missing_config_file(capsys, tmp_path):

@@ -35,7 +35,7 @@ def test_relative_model_paths_resolve_next_to_the_config(tmp_path, model_dirs):
 @pytest.mark.parametrize(
     "sections, overrides, message",
     [
-        ({}, ["strategy.kk=3"], r"unknown key 'strategy.kk'; allowed: k, adaptive, min_k, max_k"),
+        ({}, ["strategy.kk=3"], r"strategy 'chain' has no option 'kk' \(strategy.kk is set with -o\); its options: k, adaptive, min_k, max_k"),
         ({}, ["strategy.k=many"], r"strategy.k: Input should be a valid integer.*\(got 'many'\)"),
         ({}, ["strategy.k=0"], r"strategy.k: Input should be greater than or equal to 1"),
         ({}, ["strategy.name=nope"], r"strategy.name: unknown strategy 'nope'; available: ar, chain, dyspec, gsd, static_tree"),

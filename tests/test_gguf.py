@@ -208,6 +208,20 @@ def test_cli_runs_a_gguf_target(tmp_path, capsys, original, gguf_path):
     assert len(token_ids) == 5 and token_ids == hf_greedy(original, [1, 2, 3], 5)
 
 
+def test_a_gguf_target_and_draft_on_onnxruntime(tmp_path, original, gguf_path, cache_dir):
+    """The GGUF is exported to ONNX on first use (from its converted folder), and a chain with the
+    same GGUF as the draft reproduces the original model's greedy output."""
+    pytest.importorskip("onnxruntime", reason="needs the [onnx] extra")
+    from specdec.config import load_config
+    from specdec.decoder import SpeculativeDecoder
+
+    data = {"target": {"model": str(gguf_path), "backend": "onnxruntime"}, "draft": {"model": str(gguf_path)},
+            "strategy": {"name": "chain", "k": 3}, "generation": {"max_new_tokens": 12, "ignore_eos": True}}
+    out = SpeculativeDecoder.from_config(load_config(data=data)).generate([1, 2, 3])
+    assert out.token_ids == hf_greedy(original, [1, 2, 3], 12)
+    assert len(list((cache_dir / "onnx").iterdir())) == 1 and out.metrics.mean_accepted_length > 3
+
+
 def test_cli_on_a_file_that_is_not_gguf(tmp_path, capsys):
     bad = tmp_path / "model.gguf"
     bad.write_text("not a model\n")

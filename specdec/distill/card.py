@@ -25,11 +25,12 @@ so the output stays the target's own (lossless) whatever this draft predicts.
 
 ## Data
 
-The target's own greedy answers, rendered with its chat template, to
-{s['train_examples']} prompts ({s['train_answer_tokens']} answer tokens; prompts: {settings['prompts'] or 'the seed instructions shipped with specdec'}).
+The target's own answers, rendered with its chat template: {s['train_examples']} answers
+({s['train_answer_tokens']} answer tokens), one greedy and {settings['sampled_answers']} sampled from its
+unwarped distribution per prompt (prompts: {settings['prompts'] or 'the seed instructions shipped with specdec'}).
 At every answer position the target's top-{settings['topk']} log-probabilities were recorded while it generated.
-{s['heldout_examples']} prompts ({s['heldout_answer_tokens']} answer tokens) were held out; agreement is
-measured on them, teacher-forced: the share of answer positions where the draft's most likely
+{s['heldout_examples']} prompts ({s['heldout_answer_tokens']} answer tokens of greedy answers) were held out;
+agreement is measured on them, teacher-forced: the share of answer positions where the draft's most likely
 token is the target's.
 
 ## Objective

@@ -50,7 +50,7 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     phases.update()
-    phases.set_description(f"export {Path(model).name}: trace and convert (minutes for a real model)")
+    phases.set_description(f"export {Path(model).name}: trace and convert (up to minutes for a real model)")
     try:
         with torch.no_grad():
             program = torch.onnx.export(
