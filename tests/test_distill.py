@@ -95,6 +95,18 @@ def test_other_settings_on_an_unfinished_run_are_refused(tmp_path, monkeypatch):
         distill(DEMO, out, settings(tmp_path, layers=2))
 
 
+@pytest.mark.parametrize("target, prompts", [("missing/model", None), (DEMO, "missing.txt")])
+def test_bad_inputs_leave_nothing_behind(tmp_path, capsys, target, prompts):
+    from specdec.cli import main
+
+    args = ["distill", target, "--out", str(tmp_path / "out")] + (["--prompts", prompts] if prompts else [])
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1 and err[0].startswith("error:")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_refuses_a_non_empty_output_folder(tmp_path, capsys):
     from specdec.cli import main
 

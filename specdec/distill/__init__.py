@@ -56,15 +56,22 @@ class DistillSettings:
 
 def distill(target: str, out: Path, settings: DistillSettings) -> dict:
     """Train a draft for `target` into `out`; returns the summary written to the model card."""
+    from specdec.distill.data import read_prompts
+    from specdec.models import resolve_source
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SpecdecError(f"output folder {str(out)!r} is not empty; remove it or choose another --out")
+    resolve_source(target)  # bad inputs fail before any work folder exists
+    read_prompts(settings.prompts)
     work = out.with_name(out.name + ".distill-work")
     state = _open_work(work, target, settings)
     started = time.perf_counter()
     try:
         return _run(target, out, work, state, started, settings)
     finally:  # an interrupted run's time counts towards the card's wall time when it resumes
-        if work.is_dir():
+        if work.is_dir() and not any(work.rglob("*.pt")):
+            shutil.rmtree(work)  # failed before caching anything: nothing to resume
+        elif work.is_dir():
             state["minutes_before"] += (time.perf_counter() - started) / 60
             (work / "state.json").write_text(json.dumps(state))
 
