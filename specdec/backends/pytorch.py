@@ -41,7 +41,7 @@ class PyTorchBackend(Backend):
         self.max_length = context_limit(config)
         self.device = model.device
         self.dtype = model.dtype
-        self.eos_token_ids = _eos_token_ids(model)
+        self.eos_token_ids = eos_token_ids(model)
         self._cache = Cache(layers=[_BufferLayer() for _ in range(config.num_hidden_layers)])
         self._committed = 0
         self._pending = 0
@@ -186,7 +186,8 @@ class _BufferLayer(CacheLayerMixin):
         self.length = 0
 
 
-def _eos_token_ids(model: PreTrainedModel) -> frozenset[int]:
+def eos_token_ids(model: PreTrainedModel) -> frozenset[int]:
+    """The end-of-sequence ids of a model's generation config (else its config)."""
     config = model.generation_config if model.generation_config is not None else model.config
     eos = getattr(config, "eos_token_id", None)
     if eos is None:

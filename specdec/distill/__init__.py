@@ -78,6 +78,7 @@ def distill(target: str, out: Path, settings: DistillSettings) -> dict:
 
 def _run(target: str, out: Path, work: Path, state: dict, started: float, settings: DistillSettings) -> dict:
     from specdec.distill.data import choose_vocab, coverage, read_prompts
+    from specdec.backends.pytorch import eos_token_ids
     from specdec.distill.draft import build_draft
     from specdec.models import load_tokenizer
 
@@ -87,7 +88,7 @@ def _run(target: str, out: Path, work: Path, state: dict, started: float, settin
     random.Random(settings.seed).shuffle(prompts)
     prompts = prompts[: settings.limit] if settings.limit else prompts
     held = max(1, round(len(prompts) * settings.heldout))
-    eos = set(_eos_ids(model, tokenizer))
+    eos = set(eos_token_ids(model)) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     train_ex = _generate(work / "data" / "train", model, tokenizer, prompts[held:], settings, eos)
     for number in range(settings.sampled_answers):
         train_ex += _generate(work / "data" / f"sampled-{number}", model, tokenizer, prompts[held:], settings, eos, True)
@@ -145,13 +146,6 @@ def _load_target(target: str, device: str):
     if tokenizer is None:
         raise SpecdecError(f"{target!r} has no tokenizer; distill needs one to render the prompts")
     return model, tokenizer
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    config = model.generation_config or model.config
-    eos = getattr(config, "eos_token_id", None)
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
 def _special_ids(tokenizer) -> set[int]:

@@ -46,14 +46,14 @@ def build_draft(target, layers: list[int], draft_to_target: list[int], copy_laye
         setattr(config, name, (mapped[0] if len(mapped) == 1 else mapped) if mapped else None)
     draft = type(target)(config)
     pattern = _layer_pattern(target)
-    source = target.state_dict()
+    source, fresh = target.state_dict(), draft.state_dict()
     state = {}
-    for key in draft.state_dict():
+    for key, value in fresh.items():
         match = pattern.match(key)
         if match:
             if copy_layers:
                 state[key] = source[f"{match[1]}{layers[int(match[2])]}.{match[3]}"]
-        elif key in source and source[key].shape == draft.state_dict()[key].shape:
+        elif key in source and source[key].shape == value.shape:
             state[key] = source[key]  # final norm, rotary buffers
     embedding = target.get_input_embeddings().weight.detach()
     rows = embedding[torch.tensor(draft_to_target)]

@@ -31,35 +31,34 @@ def batches(examples: list[Example], max_tokens: int, max_len: int, rng: random.
 
 
 def _inputs(batch: list[Example], t2d: torch.Tensor, max_len: int, unknown: int):
-    """Right-padded draft inputs and, per answer position, (row, column, example, answer index)."""
+    """Right-padded draft inputs [B, L] and, per answer position kept after truncation, its batch
+    row and column [P] and the teacher's top-k ids and log-probabilities [P, k]."""
     cuts = [max(0, len(ex.ids) - 1 - max_len) for ex in batch]
     width = max(len(ex.ids) - 1 - cut for ex, cut in zip(batch, cuts))
     ids = torch.full((len(batch), width), unknown, dtype=torch.long)
     attention = torch.zeros(len(batch), width, dtype=torch.long)
-    rows, cols, src = [], [], []
+    rows, cols, top_ids, top_lp = [], [], [], []
     for b, (ex, cut) in enumerate(zip(batch, cuts)):
         seq = t2d[ex.ids[cut:-1].long()]
         ids[b, : len(seq)] = seq
         attention[b, : len(seq)] = 1
-        for j in range(len(ex.ids) - ex.start):
-            col = ex.start - 1 + j - cut
-            if col >= 0:
-                rows.append(b)
-                cols.append(col)
-                src.append((b, j))
-    return ids, attention, torch.tensor(rows), torch.tensor(cols), src
+        answer = len(ex.ids) - ex.start
+        first = max(0, cut - ex.start + 1)  # answer tokens whose predicting position survived the cut
+        cols.append(torch.arange(ex.start - 1 + first - cut, ex.start - 1 + answer - cut))
+        rows.append(torch.full((answer - first,), b))
+        top_ids.append(ex.topk_ids[first:])
+        top_lp.append(ex.topk_logprobs[first:])
+    return ids, attention, torch.cat(rows), torch.cat(cols), torch.cat(top_ids).long(), torch.cat(top_lp).float()
 
 
 def step_loss(draft, batch: list[Example], t2d: torch.Tensor, max_len: int) -> tuple[torch.Tensor, int, int]:
     """-> (mean loss over answer positions, top-1 agreements, positions)."""
     unknown = draft.config.vocab_size - 1
-    ids, attention, rows, cols, src = _inputs(batch, t2d, max_len, unknown)
+    ids, attention, rows, cols, top_ids, top_lp = _inputs(batch, t2d, max_len, unknown)
     device = next(draft.parameters()).device
     hidden = draft.model(input_ids=ids.to(device), attention_mask=attention.to(device)).last_hidden_state
     logits = draft.lm_head(hidden[rows.to(device), cols.to(device)]).float()  # [P, V_draft + 1]
     logits[:, unknown] = float("-inf")  # the catch-all row is an input, never a proposal
-    top_ids = torch.stack([batch[b].topk_ids[j] for b, j in src]).long()  # [P, k] target ids
-    top_lp = torch.stack([batch[b].topk_logprobs[j] for b, j in src]).float()
     draft_ids = t2d[top_ids]  # [P, k]
     known = draft_ids != unknown
     teacher = top_lp.masked_fill(~known, float("-inf")).softmax(-1).nan_to_num(0.0).to(device)  # renormalised
@@ -67,7 +66,7 @@ def step_loss(draft, batch: list[Example], t2d: torch.Tensor, max_len: int) -> t
     usable = known.any(-1).to(device)
     loss = -(teacher * logprobs.masked_fill(~known.to(device), 0.0)).sum(-1)[usable].mean()
     agree = int((logits.argmax(-1).cpu() == draft_ids[:, 0]).logical_and(known[:, 0]).sum())
-    return loss, agree, len(src)
+    return loss, agree, len(rows)
 
 
 @torch.no_grad()
