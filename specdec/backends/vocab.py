@@ -71,17 +71,17 @@ class MappedVocabBackend(Backend):
     committed_len = property(lambda self: self.inner.committed_len)
     pending_len = property(lambda self: self.inner.pending_len)
 
-    def _to_target(self, logits: torch.Tensor) -> torch.Tensor:
+    def to_target_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[..., V_draft + 1] draft logits -> [..., V] target logits, -inf outside the map."""
         out = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
         out[..., self.draft_to_target] = logits[..., : len(self.draft_to_target)]
         return out
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._to_target(self.inner.prefill(self.target_to_draft[input_ids]))
+        return self.to_target_logits(self.inner.prefill(self.target_to_draft[input_ids]))
 
     def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
-        return self._to_target(self.inner.forward(self.target_to_draft[input_ids], position_ids, mask))
+        return self.to_target_logits(self.inner.forward(self.target_to_draft[input_ids], position_ids, mask))
 
     def commit(self, keep: list[int]) -> None:
         self.inner.commit(keep)

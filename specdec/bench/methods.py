@@ -139,7 +139,7 @@ def _hf_draft(backend, model: str):
 class _ScatterHead(torch.nn.Module):
     def __init__(self, head: torch.nn.Module, mapped):
         super().__init__()
-        self.head, self.to_target = head, mapped._to_target
+        self.head, self.to_target = head, mapped.to_target_logits
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.to_target(self.head(hidden))
