@@ -10,6 +10,7 @@ from pathlib import Path
 from specdec import plugins
 from specdec.backends.base import Backend
 from specdec.config import Config, GenerationOptions, ModelSpec, load_config
+from specdec.costs import calibrated_costs, measured_costs
 from specdec.decode import speculative_decode
 from specdec.errors import SpecdecError
 from specdec.metrics import GenerationMetrics, StepStats
@@ -45,6 +46,8 @@ class SpeculativeDecoder:
                 "tokens); speculative decoding needs a draft that shares the target's tokenizer"
             )
         self.target, self.draft, self.strategy = target, draft, strategy
+        if strategy.needs_costs and strategy.planner is None:
+            strategy.set_costs(measured_costs(target, draft))
         self.generation = generation or GenerationOptions()
         self.tokenizer = tokenizer
 
@@ -64,7 +67,10 @@ class SpeculativeDecoder:
             draft_backend = load_backend(config.draft)
         if tokenizer is None and target is None:
             tokenizer = load_tokenizer(config.target.model)
-        return cls(target_backend, draft_backend, component.cls(config.strategy.options), config.generation, tokenizer)
+        strategy = component.cls(config.strategy.options)
+        if strategy.needs_costs:
+            strategy.set_costs(calibrated_costs(config, target_backend, draft_backend))
+        return cls(target_backend, draft_backend, strategy, config.generation, tokenizer)
 
     def generate(
         self,

@@ -24,6 +24,9 @@ class DraftTree:
 
     `draft_probs[i]` is the (warped) proposal distribution that node i's children were drawn from;
     it is needed only for sampling verification in `iid` / `without_replacement` mode.
+    `fixed[i]` marks a node chosen without drawing from its parent's proposal (a lookup match); the
+    verifier visits a node's fixed children first, each as a point-mass proposal, so the parent's
+    `draft_probs` must give them zero probability (they are drawn from what is left).
     `draft_kv[i]` is the index of the draft backend's pending entry that holds node i's KV computed
     with node i's true prefix, or -1 when node i was never fed to the draft that way; it lets the
     loop commit the draft's cache along the accepted path.
@@ -37,6 +40,7 @@ class DraftTree:
     draft_kv: list[int] | None = None  # [N]
     dag_node: torch.Tensor | None = None  # [N] int64 (GSD: DAG node each unrolled node came from)
     merged: list[bool] | None = None  # [N] (GSD: node reached through a merged edge of the DAG)
+    fixed: list[bool] | None = None  # [N] node chosen deterministically (hybrid: n-gram lookup), not drawn
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

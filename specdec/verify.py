@@ -11,6 +11,10 @@ draft order:
   q(x) <- 0 and renormalise q; the visiting order must be the sampling order.
 - `deterministic` (q is a point mass on each child): accept x with prob r(x); on reject r(x) <- 0
   and renormalise.
+Fixed children (tree.fixed: chosen from the context, not drawn) are visited first, each as a
+deterministic proposal; the drawn children follow, by the tree's mode, from a q that gives the fixed
+tokens zero probability. Each stage leaves r the target's distribution conditioned on the
+rejections so far, so any such sequence of proposals stays exact.
 If every child is rejected the bonus token is drawn from r.
 """
 
@@ -44,7 +48,8 @@ def verify_sampling(tree: DraftTree, target_probs: torch.Tensor, rng: Random) ->
         raise ValueError(f"{tree.mode!r} verification needs the tree's draft_probs")
     proposals = None if tree.mode == "deterministic" else tree.draft_probs
     tokens = tree.tokens.tolist()
-    children = tree.children()
+    fixed = tree.fixed or [False] * len(tree)
+    children = [sorted(kids, key=lambda c: not fixed[c]) for kids in tree.children()]  # fixed first
     path = [0]
     while True:
         node = path[-1]
@@ -53,10 +58,14 @@ def verify_sampling(tree: DraftTree, target_probs: torch.Tensor, rng: Random) ->
         accepted = None
         for child in children[node]:
             token = tokens[child]
-            if rng.accept(_acceptance(residual, draft_probs, token)):
+            proposal = None if fixed[child] else draft_probs
+            if rng.accept(_acceptance(residual, proposal, token)):
                 accepted = child
                 break
-            residual, draft_probs = _reject(residual, draft_probs, token, tree.mode)
+            if fixed[child]:
+                residual, _ = _reject(residual, None, token, "deterministic")
+            else:
+                residual, draft_probs = _reject(residual, draft_probs, token, tree.mode)
         if accepted is None:
             return Verdict(path=path, bonus_token=rng.sample(residual))
         path.append(accepted)

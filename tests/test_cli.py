@@ -52,7 +52,7 @@ def test_config_schema_covers_registered_components(capsys):
     "args, message",
     [
         (["-o", "target.model=/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
-        (["-o", "strategy.name=nope"], "unknown strategy 'nope'; available: ar, chain, dyspec, gsd, static_tree"),
+        (["-o", "strategy.name=nope"], "unknown strategy 'nope'; available: ar, chain, dyspec, gsd, hybrid, static_tree"),
         (["-o", "draft.backend=nope"], "unknown backend 'nope'"),
         (["-o", "strategy.depth=3"], "strategy 'chain' has no option 'depth' (strategy.depth is set with -o); "
                                      "its options: k, adaptive, min_k, max_k"),

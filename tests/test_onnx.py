@@ -107,7 +107,7 @@ def test_a_manifest_from_an_incompatible_version(exports, tmp_path):
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["format_version"] = 99
     (folder / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(SpecdecError, match="version 99 .* this specdec reads 'specdec-onnx' version 1: export the model again"):
+    with pytest.raises(SpecdecError, match="version 99 .* this specdec reads 'specdec-onnx' version 2: export the model again"):
         OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())
 
 

@@ -19,12 +19,15 @@ import torch
 
 from specdec.backends.base import Backend, BackendOptions
 from specdec.errors import SpecdecError
-from specdec.export.onnx import MANIFEST, export_onnx, read_manifest
+from specdec.export.onnx import FORMAT_VERSION, MANIFEST, export_onnx, read_manifest
 from specdec.models import cache_root, source_key
 
 logger = logging.getLogger(__name__)
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
+
+
+CAPACITY_STEP = 256
 
 
 class OnnxRuntimeOptions(BackendOptions):
@@ -91,8 +94,22 @@ class OnnxRuntimeBackend(Backend):
 
     def reset(self) -> None:
         layers, heads, dim = self.manifest["layers"], self.manifest["kv_heads"], self.manifest["head_dim"]
+        # [1, H_kv, capacity, D] per layer and key/value; zeros: unused slots must hold finite values
         self.kv = [torch.zeros(1, heads, 0, dim, dtype=self.dtype, device=self.device) for _ in range(2 * layers)]
         self._committed, self._pending = 0, 0
+
+    def _reserve(self, needed: int) -> None:
+        """Grow the buffers to hold `needed` entries, in steps of CAPACITY_STEP slots: the graph
+        attends over every slot (masked ones cost a little), and growing copies the cache."""
+        capacity = self.kv[0].shape[2]
+        if needed <= capacity:
+            return
+        capacity = -(-needed // CAPACITY_STEP) * CAPACITY_STEP
+        used = self._committed + self._pending
+        for i, old in enumerate(self.kv):
+            new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+            new[:, :, :used] = old[:, :, :used]
+            self.kv[i] = new
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self._pending:
@@ -105,28 +122,33 @@ class OnnxRuntimeBackend(Backend):
 
     def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
         start = time.perf_counter()
-        query = input_ids.shape[1]
-        full = torch.ones(1, 1, query, self._committed + self._pending + query, dtype=torch.bool)
-        full[0, 0, :, self._committed :] = mask[0]
+        query, used = input_ids.shape[1], self._committed + self._pending
+        self._reserve(used + query)
+        capacity = self.kv[0].shape[2]
+        full = torch.zeros(1, 1, query, capacity + query, dtype=torch.bool)  # [1, 1, Q, C + Q]
+        full[0, 0, :, : self._committed] = True
+        full[0, 0, :, self._committed : used] = mask[0, :, : self._pending]
+        full[0, 0, :, capacity:] = mask[0, :, self._pending :]
         inputs = [input_ids.long(), position_ids.long(), full] + self.kv
-        past = self.kv[0].shape[2]
         logits = torch.empty(1, query, self.vocab_size, dtype=self.dtype, device=self.device)
-        presents = [torch.empty(1, t.shape[1], past + query, t.shape[3], dtype=self.dtype, device=self.device) for t in self.kv]
+        presents = [torch.empty(1, t.shape[1], query, t.shape[3], dtype=self.dtype, device=self.device) for t in self.kv]
         binding = self.session.io_binding()
         bound = [_bind(binding.bind_input, n, t.to(self.device).contiguous()) for n, t in zip(self._names[0], inputs)]
         bound += [_bind(binding.bind_output, n, t) for n, t in zip(self._names[1], [logits] + presents)]
         self.session.run_with_iobinding(binding)  # `bound` keeps every bound buffer alive until here
-        self.kv = presents
+        for buffer, new in zip(self.kv, presents):
+            buffer[:, :, used : used + query] = new
         self._pending += query
         self.forward_calls += 1
         self.forward_seconds += time.perf_counter() - start
         return logits.float()
 
     def commit(self, keep: list[int]) -> None:
-        if keep != list(range(self._pending)):  # all pending, in order: the presents are the cache
-            # The graph takes the past as contiguous [B, H, P, D]: dropping entries means one copy.
+        if keep != list(range(len(keep))):  # a prefix of pending is already in place
             index = torch.tensor(keep, dtype=torch.long, device=self.device) + self._committed
-            self.kv = [torch.cat([t[:, :, : self._committed], t.index_select(2, index)], dim=2) for t in self.kv]
+            end = self._committed + len(keep)
+            for buffer in self.kv:
+                buffer[:, :, self._committed : end] = buffer.index_select(2, index)
         self._committed += len(keep)
         self._pending = 0
 
@@ -153,7 +175,7 @@ def _eos(folder: Path) -> frozenset[int]:
 def _export_on_first_use(model: str, options: OnnxRuntimeOptions) -> Path:
     root = Path(options.cache_dir).expanduser() if options.cache_dir else cache_root() / "onnx"
     source = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
-    folder = root / f"{Path(source).name}-{source_key(source)}-{options.dtype}"
+    folder = root / f"{Path(source).name}-{source_key(source)}-{options.dtype}-v{FORMAT_VERSION}"
     if not (folder / MANIFEST).is_file():
         logger.warning("exporting %s to ONNX in %s (first use; later runs reuse it)", model, folder)
         export_onnx(source, folder, options.dtype)

@@ -19,7 +19,7 @@ from specdec.models import context_limit, load_error, load_tokenizer, resolve_so
 logger = logging.getLogger(__name__)
 
 MANIFEST = "specdec_export.json"
-FORMAT, FORMAT_VERSION = "specdec-onnx", 1
+FORMAT, FORMAT_VERSION = "specdec-onnx", 2
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Float reordering noise grows with depth and logit scale: the logit error is judged relative to
 # the largest |logit|, next to the probabilities' error and the greedy choices.
@@ -146,12 +146,11 @@ def check_export(folder: Path, model: str | None = None, cases=((1, 7), (6, 11),
     worst = relative = prob_worst = 0.0
     agree, rows = True, []
     for query, past in cases:
-        ids, positions, mask, kv = _random_tree(shape, manifest["vocab_size"], hf.dtype, query, past, gen)
+        ids, positions, mask, kv, unused = _random_tree(shape, manifest["vocab_size"], hf.dtype, query, past, gen)
         feed = {"input_ids": ids.numpy(), "position_ids": positions.numpy(), "attention_mask": mask.numpy()}
         feed.update({name: t.numpy() for name, t in zip(input_names(shape.layers)[3:], kv)})
         logits = torch.from_numpy(session.run(["logits"], feed)[0]).float()
-        with torch.no_grad():
-            expected = TreeMaskGraph(hf)(ids, positions, mask, kv)[0].float()
+        expected = _reference(hf, ids, positions, mask, kv, unused)
         diff = float((logits - expected).abs().max())
         prob_diff = float((logits.softmax(-1) - expected.softmax(-1)).abs().max())
         top2 = expected.topk(2, dim=-1).values
@@ -166,17 +165,34 @@ def check_export(folder: Path, model: str | None = None, cases=((1, 7), (6, 11),
             "tolerance": tolerance, "prob_tolerance": prob_tolerance, "ok": ok, "cases": rows}
 
 
-def _random_tree(shape: KVShape, vocab: int, dtype, query: int, past: int, gen):
-    """A random draft tree of `query` nodes over `past` entries: inputs of the graph."""
+def _random_tree(shape: KVShape, vocab: int, dtype, query: int, past: int, gen, unused: int = 3):
+    """A random draft tree of `query` nodes over `past` entries, in a buffer with `unused` more
+    slots of random values that the mask hides: inputs of the graph, and the unused count."""
     parents = [-1] + [int(torch.randint(0, i, (), generator=gen)) for i in range(1, query)]
     depths = [0] * query
-    mask = torch.zeros(1, 1, query, past + query, dtype=torch.bool)
+    capacity = past + unused
+    mask = torch.zeros(1, 1, query, capacity + query, dtype=torch.bool)
     mask[..., :past] = True
     for node, parent in enumerate(parents):
         depths[node] = depths[parent] + 1 if parent >= 0 else 0
-        mask[0, 0, node, past:] = mask[0, 0, parent, past:] if parent >= 0 else False
-        mask[0, 0, node, past + node] = True
+        mask[0, 0, node, capacity:] = mask[0, 0, parent, capacity:] if parent >= 0 else False
+        mask[0, 0, node, capacity + node] = True
     ids = torch.randint(0, vocab, (1, query), generator=gen)
     positions = (past + torch.tensor(depths))[None]
-    kv = [torch.randn(1, shape.kv_heads, past, shape.head_dim, generator=gen).to(dtype) for _ in range(2 * shape.layers)]
-    return ids, positions, mask, kv
+    kv = [torch.randn(1, shape.kv_heads, capacity, shape.head_dim, generator=gen).to(dtype) for _ in range(2 * shape.layers)]
+    return ids, positions, mask, kv, unused
+
+
+@torch.no_grad()
+def _reference(hf, ids, positions, mask, kv, unused: int) -> torch.Tensor:
+    """The stock model's logits for the same tree: its own attention over the used slots only."""
+    from transformers import DynamicCache
+
+    past = kv[0].shape[2] - unused
+    cache = DynamicCache(
+        ddp_cache_data=[(kv[i][:, :, :past], kv[i + 1][:, :, :past]) for i in range(0, len(kv), 2)], config=hf.config
+    )
+    visible = torch.cat([mask[..., :past], mask[..., past + unused :]], dim=-1)
+    additive = torch.zeros(visible.shape, dtype=hf.dtype).masked_fill_(~visible, torch.finfo(hf.dtype).min)
+    out = hf(input_ids=ids, position_ids=positions, attention_mask=additive, past_key_values=cache, use_cache=True)
+    return out.logits.float()

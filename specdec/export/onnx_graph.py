@@ -1,9 +1,11 @@
 """The ONNX contract (DESIGN.md section 5) as a module torch.onnx can export.
 
-Inputs: input_ids [B,Q] int64, position_ids [B,Q] int64, attention_mask [B,1,Q,P+Q] bool,
-past_key_values.{i}.key / .value [B,H_kv,P,D]. Outputs: logits [B,Q,V], present.{i}.key / .value
-[B,H_kv,P+Q,D]. B, Q, P and the mask's last axis are dynamic (the last is declared on its own:
-dims cannot be declared as sums).
+Inputs: input_ids [B,Q] int64, position_ids [B,Q] int64, attention_mask [B,1,Q,C+Q] bool,
+past_key_values.{i}.key / .value [B,H_kv,C,D]: a KV buffer of capacity C, whose slots the mask does
+not show are ignored (they must hold finite values). Outputs: logits [B,Q,V], present.{i}.key /
+.value [B,H_kv,Q,D]: the KV of the Q new entries only, for the caller to write into its buffer.
+The graph never copies the past: attention reads it in place (specdec/attention.py). B, Q, C and
+the mask's last axis are dynamic (the last is declared on its own: dims cannot be declared as sums).
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from specdec import attention
 
 
 @dataclass(frozen=True)
@@ -40,30 +45,48 @@ def output_names(layers: int) -> list[str]:
 
 
 class TreeMaskGraph(torch.nn.Module):
-    """A causal LM taking a bool tree mask over past + new entries and explicit past KV tensors."""
+    """A causal LM taking a bool tree mask over a past KV buffer + the new entries, returning the
+    new entries' KV. Switches `model` to the "specdec_tree" attention implementation."""
 
     def __init__(self, model: PreTrainedModel):
         super().__init__()
+        model.set_attn_implementation(attention.NAME)
         self.model = model
         self.layers = KVShape.of(model.config).layers
 
     def forward(self, input_ids, position_ids, attention_mask, past):
-        cache = DynamicCache(
-            ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)], config=self.model.config
-        )
-        dtype = self.model.dtype
-        # transformers uses a 4D mask as given: make it additive in the model's dtype.
-        additive = torch.where(
-            attention_mask, torch.zeros((), dtype=dtype), torch.full((), torch.finfo(dtype).min, dtype=dtype)
-        )
+        cache = Cache(layers=[_NewEntries() for _ in range(self.layers)])
         out = self.model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=additive,
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
             past_key_values=cache, use_cache=True,
+            specdec_past=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
         )
         presents = []
-        for layer in out.past_key_values.layers:
+        for layer in cache.layers:
             presents += [layer.keys, layer.values]
         return out.logits, presents
+
+
+class _NewEntries(CacheLayerMixin):
+    """A cache layer that keeps only what this forward adds (the past is read in place)."""
+
+    is_sliding = False
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return -1
 
 
 def example_inputs(shape: KVShape, vocab: int, dtype: torch.dtype, batch=2, query=3, past=5):
@@ -76,10 +99,10 @@ def example_inputs(shape: KVShape, vocab: int, dtype: torch.dtype, batch=2, quer
 
 
 def dynamic_shapes(layers: int) -> dict:
-    batch, query, past, total = (torch.export.Dim(n) for n in ("batch", "query", "past", "total"))
+    batch, query, capacity, total = (torch.export.Dim(n) for n in ("batch", "query", "capacity", "total"))
     return {
         "input_ids": {0: batch, 1: query},
         "position_ids": {0: batch, 1: query},
         "attention_mask": {0: batch, 2: query, 3: total},
-        "past": [{0: batch, 2: past} for _ in range(2 * layers)],
+        "past": [{0: batch, 2: capacity} for _ in range(2 * layers)],
     }

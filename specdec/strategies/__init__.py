@@ -9,7 +9,8 @@ def register_strategies(register):
     from specdec.strategies.chain import ChainStrategy
     from specdec.strategies.dyspec import DySpecStrategy
     from specdec.strategies.gsd import GSDStrategy
+    from specdec.strategies.hybrid import HybridStrategy
     from specdec.strategies.static_tree import StaticTreeStrategy
 
-    for strategy in (AutoregressiveStrategy, ChainStrategy, StaticTreeStrategy, GSDStrategy, DySpecStrategy):
+    for strategy in (AutoregressiveStrategy, ChainStrategy, StaticTreeStrategy, GSDStrategy, DySpecStrategy, HybridStrategy):
         register(strategy)

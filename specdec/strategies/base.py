@@ -15,7 +15,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from specdec.backends.base import Backend
+from specdec.costs import CostModel
+from specdec.errors import SpecdecError
 from specdec.sampling import Random, Warp, warp_probs
+from specdec.strategies.budget import Planner
 from specdec.tree import DraftTree, Verdict
 
 
@@ -43,9 +46,29 @@ class Strategy(ABC):
 
     def __init__(self, options: StrategyOptions):
         self.options = options
+        self.planner: Planner | None = None
+
+    @property
+    def needs_costs(self) -> bool:
+        """True when a budget is `auto`: the decoder then calls `set_costs` before generating."""
+        return False
+
+    def set_costs(self, costs: CostModel) -> None:
+        """Measured forward costs on this device, for `auto` budgets."""
+        self.planner = Planner(costs)
+
+    def auto_planner(self) -> Planner:
+        if self.planner is None:
+            raise SpecdecError(
+                f"strategy {self.name!r} has an auto budget but no measured costs; build it through "
+                "SpeculativeDecoder (it calibrates on first use) or call set_costs(CostModel(...))"
+            )
+        return self.planner
 
     def reset(self) -> None:
         """Called before each generation: forget adaptive state."""
+        if self.planner is not None:
+            self.planner.reset()
 
     @abstractmethod
     def propose(self, draft: Backend | None, ctx: DraftContext) -> DraftTree:
@@ -75,6 +98,7 @@ class TreeDrafter:
         self.parents = [-1]
         self.depths = [0]
         self.draft_kv = [-1]
+        self.fixed = [False]
         self.proposals: dict[int, torch.Tensor] = {}  # node -> [V] draft_probs of its children
         self._lag = 0
 
@@ -90,7 +114,8 @@ class TreeDrafter:
         self.draft_kv[0] = self._lag
         return logits[-1]
 
-    def add(self, parent: int, token: int) -> int:
+    def add(self, parent: int, token: int, fixed: bool = False) -> int:
+        self.fixed.append(fixed)
         self.tokens.append(token)
         self.parents.append(parent)
         self.depths.append(self.depths[parent] + 1)
@@ -115,13 +140,18 @@ class TreeDrafter:
         positions = torch.tensor([[root_position + self.depths[n] for n in nodes]])
         return self.draft.forward(ids, positions, mask[None])[0]
 
-    def proposal(self, node: int, logits: torch.Tensor) -> torch.Tensor:
+    def proposal(self, node: int, logits: torch.Tensor, exclude: list[int] | None = None) -> torch.Tensor:
         """Draft distribution [V] over `node`'s children: softmax when greedy; when sampling, the
-        warped distribution children are drawn from, recorded for verification."""
-        if self.greedy:
-            return logits.float().softmax(dim=-1)
-        probs = warp_probs(logits, self.ctx.warp)
-        self.proposals[node] = probs
+        warped distribution children are drawn from, recorded for verification. `exclude`: the
+        tokens of fixed children, given zero probability (all zeros if they held all of it)."""
+        probs = logits.float().softmax(dim=-1) if self.greedy else warp_probs(logits, self.ctx.warp)
+        if exclude:
+            probs = probs.clone()
+            probs[exclude] = 0.0
+            total = float(probs.sum())
+            probs = probs / total if total > 0.0 else probs
+        if not self.greedy:
+            self.proposals[node] = probs
         return probs
 
     def expand(self, node: int, logits: torch.Tensor, count: int) -> list[int]:
@@ -155,4 +185,5 @@ class TreeDrafter:
             mode="deterministic" if self.greedy else "without_replacement",
             draft_probs=draft_probs,
             draft_kv=self.draft_kv,
+            fixed=self.fixed if any(self.fixed) else None,
         )

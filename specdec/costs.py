@@ -1,0 +1,155 @@
+"""Forward costs measured on the actual device: t(Q), the wall time of one backend forward of Q new
+entries over a cache of C committed entries, and the `CostModel` that `budget: auto` plans with.
+
+A calibration measures t(Q) at a few cache lengths and caches the curve per model, backend,
+device, dtype and host (DESIGN.md section 8), so the second run plans without measuring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from specdec.backends.base import Backend
+from specdec.models import cache_root, source_key
+
+logger = logging.getLogger(__name__)
+
+QUERIES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CONTEXTS = (256, 1024)
+CURVE_VERSION = 1
+
+
+def time_forward(backend: Backend, query: int, context: int, repeats: int = 5, warmup: int = 1) -> float:
+    """Median seconds of one forward of `query` new entries (a chain: the mask is dense enough
+    that a tree of the same size costs the same) over `context` committed entries."""
+    _fill(backend, context)
+    ids = torch.randint(0, backend.vocab_size, (1, query))
+    positions = torch.arange(context, context + query)[None]
+    mask = torch.ones(query, query, dtype=torch.bool).tril_()[None]
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        backend.forward(ids, positions, mask)
+        elapsed = time.perf_counter() - start
+        backend.rollback()
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def _fill(backend: Backend, context: int) -> None:
+    """Make the cache hold exactly `context` committed entries (content is irrelevant to cost)."""
+    if backend.committed_len != context or backend.pending_len:
+        backend.reset()
+        generator = torch.Generator().manual_seed(0)
+        backend.prefill(torch.randint(0, backend.vocab_size, (1, context), generator=generator))
+
+
+@dataclass
+class Curve:
+    """t(Q) in seconds at each cache length: seconds[c][q] for contexts[c], queries[q]."""
+
+    queries: list[int]
+    contexts: list[int]
+    seconds: list[list[float]]
+
+    def at(self, query: float, context: float) -> float:
+        """t(query, context), linear between measured points, extrapolated linearly beyond them."""
+        per_context = [_interpolate(self.queries, row, query) for row in self.seconds]
+        return max(_interpolate(self.contexts, per_context, context), 1e-9)
+
+    def ratios(self, context_index: int = 0) -> list[float]:
+        row = self.seconds[context_index]
+        return [t / row[0] for t in row]
+
+
+def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    if len(xs) == 1:
+        return ys[0]
+    i = 1
+    while i < len(xs) - 1 and xs[i] < x:
+        i += 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def measure_curve(
+    backend: Backend,
+    queries: Sequence[int] = QUERIES,
+    contexts: Sequence[int] = CONTEXTS,
+    repeats: int = 5,
+    progress: Callable[[str], None] | None = None,
+) -> Curve:
+    contexts = [c for c in contexts if c + max(queries) <= backend.max_length] or [max(1, backend.max_length - max(queries))]
+    seconds = []
+    for context in contexts:
+        row = []
+        for query in queries:
+            if progress is not None:
+                progress(f"t({query}) over {context} entries")
+            row.append(time_forward(backend, query, context, repeats))
+        seconds.append(row)
+    backend.reset()
+    return Curve(list(queries), list(contexts), seconds)
+
+
+@dataclass
+class CostModel:
+    """What a step costs: target forwards of n tree nodes, draft forwards of q new entries."""
+
+    target: Curve
+    draft: Curve | None
+
+    def target_seconds(self, nodes: int, context: int) -> float:
+        return self.target.at(nodes, context)
+
+    def draft_seconds(self, query: int, context: int) -> float:
+        return 0.0 if self.draft is None else self.draft.at(query, context)
+
+
+def curve_path(spec, backend: Backend) -> Path:
+    """Cache file of one model spec's curve: model identity, backend, its options, device, host."""
+    options = json.dumps(spec.options.model_dump(), sort_keys=True)
+    host = f"{platform.node()}-{platform.machine()}-{torch.get_num_threads()}t"
+    identity = f"{source_key(spec.model)}|{spec.backend}|{options}|{backend.device}|{host}|v{CURVE_VERSION}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return cache_root() / "calibration" / f"{Path(spec.model).name}-{spec.backend}-{key}.json"
+
+
+def load_or_measure(spec, backend: Backend, refresh: bool = False, **measure) -> Curve:
+    """The cached curve of this model spec on this host, measured (and cached) when absent."""
+    path = curve_path(spec, backend)
+    if path.is_file() and not refresh:
+        try:
+            return Curve(**json.loads(path.read_text())["curve"])
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring an unreadable calibration %s", path)
+    logger.warning("calibrating %s on %s (first use; cached in %s)", spec.model, spec.backend, path)
+    curve = measure_curve(backend, **measure)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"model": spec.model, "backend": spec.backend, "curve": asdict(curve)}, indent=1))
+    tmp.replace(path)
+    return curve
+
+
+def calibrated_costs(config, target: Backend, draft: Backend | None, refresh: bool = False) -> CostModel:
+    """The cost model of a config's target and draft: cached curves, measured on first use."""
+    draft_curve = load_or_measure(config.draft, draft, refresh) if draft is not None else None
+    return CostModel(load_or_measure(config.target, target, refresh), draft_curve)
+
+
+def measured_costs(target: Backend, draft: Backend | None) -> CostModel:
+    """A cost model measured now and not cached (backends given without a config)."""
+    logger.warning("measuring forward costs for an auto budget (not cached: no config names the models)")
+    return CostModel(measure_curve(target), measure_curve(draft) if draft is not None else None)

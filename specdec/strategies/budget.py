@@ -1,0 +1,125 @@
+"""`auto` draft budgets: grow a draft tree only while the step's expected tokens per second improve.
+
+Costs come from a calibration on the actual device (specdec/costs.py): the target forward of n
+nodes and the draft forwards made so far. Acceptance is estimated per node from its raw value
+(the draft probability of its token given its parent; 1 for a lookup match) times a scale kept
+per (source, depth): observed acceptances over predicted ones at that depth, decayed over recent
+steps, so the estimate starts from the draft's path probability and follows what verification
+really accepts. A node's estimate is the product of its path's conditional estimates.
+
+A step is expected to emit 1 + the sum of its nodes' estimates; a node joins only when that
+divided by the step's cost rises. When a drafted step ends with no node worth adding, drafting is
+skipped (plain `ar` steps) for a doubling number of steps, then probed again.
+
+Example (t_target: 1 node 30 ms, 2 nodes 32 ms; the draft start 4 ms; estimate 0.6): without the
+node 1 / 34 ms = 29 tok/s, with it 1.6 / 36 ms = 44 tok/s: the node joins.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import PlainValidator
+
+from specdec.costs import CostModel
+from specdec.tree import DraftTree, Verdict
+
+
+def Budget(high: int):  # noqa: N802 (a type)
+    """An options field type: a count in 1..high, or "auto"."""
+
+    def check(value):
+        if value == "auto" or (type(value) is int and 1 <= value <= high):
+            return value
+        raise ValueError(f"expected a whole number from 1 to {high}, or auto")
+
+    return Annotated[int | Literal["auto"], PlainValidator(check)]
+
+
+DECAY = 0.95  # weight of the past in the acceptance scales, per step
+DEPTHS = 8  # depths beyond this share one scale
+PRIOR = {"draft": (1.0, 1.0), "lookup": (0.5, 1.0)}  # (observed, predicted) before any step
+MAX_BACKOFF = 32
+
+
+class Planner:
+    """Per-strategy state of `auto`: acceptance scales, the current step's budget, the backoff."""
+
+    def __init__(self, costs: CostModel):
+        self.costs = costs
+        self.reset()
+
+    def reset(self) -> None:
+        self.scales: dict[tuple[str, int], list[float]] = {}
+        self.skip, self.backoff = 0, 1
+        self.top_prob = 0.5  # recent mean of the best draft probability at an opened node
+
+    # -- one step ------------------------------------------------------------------------------
+    def should_draft(self) -> bool:
+        """False while backing off after a step that found nothing worth drafting."""
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        return True
+
+    def begin(self, context: int, draft_queries: int = 0) -> None:
+        """Start a step at cache length `context`; `draft_queries` entries fed to start drafting."""
+        self.context, self.nodes, self.expected, self.draft_seconds = context, 0, 1.0, 0.0
+        if draft_queries:
+            self.draft_forward(draft_queries)
+
+    def draft_forward(self, queries: int) -> None:
+        self.draft_seconds += self.costs.draft_seconds(queries, self.context)
+
+    def _rate(self, nodes: int, expected: float, extra_seconds: float = 0.0) -> float:
+        seconds = self.draft_seconds + extra_seconds + self.costs.target_seconds(nodes + 1, self.context)
+        return expected / seconds
+
+    def pays(self, estimate: float, feed_queries: int = 0) -> bool:
+        """Whether one more node of this estimate (after a draft forward of `feed_queries`
+        entries, when its parent must be fed first) raises the step's expected rate."""
+        extra = self.costs.draft_seconds(feed_queries, self.context) if feed_queries else 0.0
+        return self._rate(self.nodes + 1, self.expected + estimate, extra) > self._rate(self.nodes, self.expected)
+
+    def add(self, estimate: float) -> None:
+        self.nodes += 1
+        self.expected += estimate
+
+    def conditional(self, source: str, depth: int, raw: float) -> float:
+        """Estimated acceptance of a node given its parent's: min(1, scale x raw value)."""
+        observed, predicted = self.scales.get((source, min(depth, DEPTHS)), PRIOR[source])
+        return min(1.0, raw * observed / predicted)
+
+    def opened(self, top_prob: float) -> None:
+        self.top_prob = 0.9 * self.top_prob + 0.1 * top_prob
+
+    def prospect(self, estimate: float, depth: int) -> float:
+        """Expected estimate of the best child of a node not fed yet (its draft probabilities
+        unknown): the recent best draft probability, calibrated at the child's depth."""
+        return estimate * self.conditional("draft", depth + 1, self.top_prob)
+
+    def end(self) -> None:
+        """After proposing: back off when nothing paid, else draft every step."""
+        if self.nodes == 0:
+            self.skip, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
+        else:
+            self.backoff = 1
+
+    # -- after verification --------------------------------------------------------------------
+    def observe(self, tree: DraftTree, verdict: Verdict, raw: list[float], source: list[str]) -> None:
+        """Update the scales: at each depth the accepted path reached, the children of the
+        accepted parent predicted sum(raw) acceptances per source; one of them (or none) was."""
+        for key in self.scales:
+            self.scales[key] = [DECAY * v for v in self.scales[key]]
+        children = tree.children()
+        for depth, parent in enumerate(verdict.path, start=1):
+            kids = children[parent]
+            if not kids:
+                break
+            accepted = verdict.path[depth] if depth < len(verdict.path) else None
+            for name in {source[k] for k in kids}:
+                key = (name, min(depth, DEPTHS))
+                observed, predicted = self.scales.get(key, list(PRIOR[name]))
+                predicted += sum(raw[k] for k in kids if source[k] == name)
+                observed += 1.0 if accepted is not None and source[accepted] == name else 0.0
+                self.scales[key] = [observed, predicted]
