@@ -194,6 +194,102 @@ def distill(target, out, prompts, limit, layers, init, draft_vocab, train_minute
                f"(untrained {summary['untrained_top1_agreement']:.3f}) in {summary['wall_minutes']:.1f} min", err=True)
 
 
+def _ints(value: str, name: str) -> list[int]:
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated whole numbers, e.g. 1,4,16; got {value!r}", param_hint=name) from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"expected whole numbers >= 1; got {value!r}", param_hint=name)
+    return numbers
+
+
+def _models(config, which: str):
+    """[(role, spec, backend)] of a config's target and draft (`which`: target, draft or both)."""
+    from specdec.decoder import load_backend
+
+    roles = [("target", config.target), ("draft", config.draft)]
+    roles = [(r, spec) for r, spec in roles if spec is not None and which in (r, "both")]
+    if not roles:
+        raise SpecdecError(f"the config has no {which} model")
+    return [(role, spec, load_backend(spec)) for role, spec in roles]
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--queries", default="1,2,4,8,16,32,64", show_default=True, help="query sizes Q (tree nodes per forward)")
+@click.option("--contexts", default="256,2048", show_default=True, help="cached entries before the forward")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="timed forwards per point (median)")
+@click.option("--breakdown", "breakdown_q", default=16, show_default=True, type=click.IntRange(0),
+              help="Q of the operator breakdown (0: none)")
+@click.option("--model", "which", type=click.Choice(["target", "draft", "both"]), default="both", show_default=True)
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
+def profile(config, queries, contexts, repeats, breakdown_q, which, overrides):
+    """Print t(Q) and t(Q)/t(1) of CONFIG's models and where a forward's time goes."""
+    from specdec.config import load_config
+    from specdec.costs import measure_curve
+    from specdec.profile import breakdown, breakdown_table, curve_table
+
+    queries, contexts = _ints(queries, "--queries"), _ints(contexts, "--contexts")
+    for role, spec, backend in _models(load_config(config, list(overrides)), which):
+        click.echo(f"{role}: {spec.model} on {spec.backend} ({backend.device})")
+        click.echo(curve_table(measure_curve(backend, queries, contexts, repeats)))
+        if breakdown_q:
+            context = min(contexts[0], backend.max_length - breakdown_q)
+            found = breakdown(backend, breakdown_q, context, repeats)
+            if found is None:
+                click.echo(f"  (the {spec.backend} backend has no operator profiler)")
+            else:
+                wall, rows = found
+                click.echo(f"  where the time goes, Q={breakdown_q} over {context} cached ({wall * 1e3:.1f} ms per forward under the profiler):")
+                click.echo(breakdown_table(wall, rows))
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--refresh", is_flag=True, help="measure again even when a cached calibration exists")
+@click.option("--plot", type=click.Path(dir_okay=False), help="also draw the curves into this PNG (needs matplotlib)")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
+def calibrate(config, refresh, plot, overrides):
+    """Measure (or show the cached) forward cost curves that `auto` budgets plan with."""
+    from specdec.config import load_config
+    from specdec.costs import curve_path, load_or_measure
+    from specdec.profile import curve_table
+
+    curves = []
+    for role, spec, backend in _models(load_config(config, list(overrides)), "both"):
+        curve = load_or_measure(spec, backend, refresh)
+        curves.append((role, spec, curve))
+        click.echo(f"{role}: {spec.model} on {spec.backend} ({backend.device}); cached in {curve_path(spec, backend)}")
+        click.echo(curve_table(curve))
+    if plot:
+        _plot_curves(curves, plot)
+        click.echo(f"wrote {plot}", err=True)
+
+
+def _plot_curves(curves, path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SpecdecError("--plot needs matplotlib: pip install 'specdec[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
+    for ax, (role, spec, curve) in zip(axes[0], curves):
+        for context, row in zip(curve.contexts, curve.seconds):
+            ax.plot(curve.queries, [t * 1e3 for t in row], marker="o", label=f"{context} cached")
+        ax.set(title=f"{role} ({spec.backend})", xlabel="entries per forward (Q)", ylabel="t(Q), ms", xscale="log")
+        ax.legend()
+    fig.tight_layout()
+    tmp = f"{path}.partial.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    import os
+
+    os.replace(tmp, path)
+
+
 @cli.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
 def plugins_command(as_json):

@@ -91,6 +91,7 @@ def measure_curve(
     progress: Callable[[str], None] | None = None,
 ) -> Curve:
     contexts = [c for c in contexts if c + max(queries) <= backend.max_length] or [max(1, backend.max_length - max(queries))]
+    time_forward(backend, queries[0], contexts[0], repeats=1, warmup=2)  # first forwards set up thread pools
     seconds = []
     for context in contexts:
         row = []
@@ -98,9 +99,21 @@ def measure_curve(
             if progress is not None:
                 progress(f"t({query}) over {context} entries")
             row.append(time_forward(backend, query, context, repeats))
-        seconds.append(row)
+        seconds.append(monotone(row))
     backend.reset()
     return Curve(list(queries), list(contexts), seconds)
+
+
+def monotone(row: list[float]) -> list[float]:
+    """The closest non-decreasing sequence (pool adjacent violators): more entries never cost
+    less, and one noisy point must not make a planner prefer a bigger tree."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for value in row:
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (a, n), (b, m) = blocks[-2], blocks.pop()
+            blocks[-1] = [(a * n + b * m) / (n + m), n + m]
+    return [mean for mean, count in blocks for _ in range(count)]
 
 
 @dataclass

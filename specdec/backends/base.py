@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -74,3 +75,9 @@ class Backend(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Drop the whole cache."""
+
+    def op_profile(self, run: Callable[[], object]) -> dict[str, float] | None:
+        """Call `run` under this backend's operator profiler -> seconds spent per operator type
+        (None: this backend has no profiler). Used by `specdec profile`."""
+        run()
+        return None

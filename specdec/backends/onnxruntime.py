@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -41,7 +42,8 @@ class OnnxRuntimeOptions(BackendOptions):
 
 
 def create_session(
-    folder: Path, providers: list[str], intra_op_threads: int, inter_op_threads: int = 1, allow_spinning: bool = False
+    folder: Path, providers: list[str], intra_op_threads: int, inter_op_threads: int = 1, allow_spinning: bool = False,
+    profile_prefix: str | None = None,
 ):
     try:
         import onnxruntime as ort
@@ -56,6 +58,9 @@ def create_session(
     options.inter_op_num_threads = inter_op_threads
     for scope in ("intra_op", "inter_op"):
         options.add_session_config_entry(f"session.{scope}.allow_spinning", "1" if allow_spinning else "0")
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(folder / "model.onnx"), sess_options=options, providers=providers)
 
 
@@ -73,6 +78,7 @@ class OnnxRuntimeBackend(Backend):
         self.eos_token_ids = frozenset(eos_token_ids)
         self.forward_calls, self.forward_seconds = 0, 0.0
         self._names = manifest["inputs"], manifest["outputs"]
+        self.source = None  # (folder, session settings) once loaded: op_profile opens a profiling session
         self.reset()
 
     @classmethod
@@ -87,10 +93,30 @@ class OnnxRuntimeBackend(Backend):
         providers = options.providers or (
             ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
         )
-        session = create_session(
-            folder, providers, options.intra_op_threads, options.inter_op_threads, options.allow_spinning
-        )
-        return cls(session, manifest, device, _eos(folder))
+        settings = (providers, options.intra_op_threads, options.inter_op_threads, options.allow_spinning)
+        backend = cls(create_session(folder, *settings), manifest, device, _eos(folder))
+        backend.source = folder, settings
+        return backend
+
+    def op_profile(self, run) -> dict[str, float] | None:
+        """ONNX Runtime's own profiler, on a second session over the same graph."""
+        if self.source is None:
+            run()
+            return None
+        folder, settings = self.source
+        with tempfile.TemporaryDirectory() as tmp:
+            session, self.session = self.session, create_session(folder, *settings, profile_prefix=f"{tmp}/ort")
+            try:
+                run()
+                events = json.loads(Path(self.session.end_profiling()).read_text())
+            finally:
+                self.session = session
+        seconds: dict[str, float] = {}
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                op = event["args"]["op_name"]
+                seconds[op] = seconds.get(op, 0.0) + event["dur"] / 1e6
+        return seconds
 
     def reset(self) -> None:
         layers, heads, dim = self.manifest["layers"], self.manifest["kv_heads"], self.manifest["head_dim"]

@@ -116,6 +116,13 @@ class PyTorchBackend(Backend):
         for layer in self._cache.layers:
             layer.length = self._committed
 
+    def op_profile(self, run) -> dict[str, float]:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])) as prof:
+            run()
+        return {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages() if e.self_cpu_time_total > 0}
+
     def reset(self) -> None:
         self._committed = 0
         self._pending = 0

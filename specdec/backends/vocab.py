@@ -86,5 +86,8 @@ class MappedVocabBackend(Backend):
     def commit(self, keep: list[int]) -> None:
         self.inner.commit(keep)
 
+    def op_profile(self, run):
+        return self.inner.op_profile(run)
+
     def reset(self) -> None:
         self.inner.reset()
