@@ -37,7 +37,7 @@ def test_relative_model_paths_resolve_next_to_the_config(tmp_path, model_dirs):
     [
         ({}, ["strategy.kk=3"], r"strategy 'chain' has no option 'kk' \(strategy.kk is set with -o\); its options: k, adaptive, min_k, max_k"),
         ({}, ["strategy.k=many"], r"strategy.k: Value error, expected a whole number from 1 to 256, or auto \(got 'many'\)"),
-        ({}, ["strategy.k=0"], r"strategy.k: Input should be greater than or equal to 1"),
+        ({}, ["strategy.k=0"], r"strategy.k: Value error, expected a whole number from 1 to 256, or auto \(got 0\)"),
         ({}, ["strategy.name=nope"], r"strategy.name: unknown strategy 'nope'; available: ar, chain, dyspec, gsd, hybrid, static_tree"),
         ({}, ["target.backend=nope"], r"target.backend: unknown backend 'nope'; available: onnxruntime, pytorch"),
         ({}, ["target.dtype=float8"], r"target.dtype: Input should be 'float32', 'float16', 'bfloat16' or 'auto'"),

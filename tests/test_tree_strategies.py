@@ -124,7 +124,7 @@ def test_dyspec_threshold_mode_keeps_exactly_the_nodes_above_threshold():
 @pytest.mark.parametrize(
     "strategy, options, message",
     [
-        ("dyspec", {"max_nodes": -1}, "strategy.max_nodes: Input should be greater than or equal to 1"),
+        ("dyspec", {"max_nodes": -1}, "strategy.max_nodes: Value error, expected a whole number from 1 to 1024, or auto (got -1)"),
         ("gsd", {"max_nodes": 0}, "strategy.max_nodes: Input should be greater than or equal to 1"),
         ("gsd", {"prob_threshold": 1.5}, "strategy.prob_threshold: Input should be less than or equal to 1"),
         ("gsd", {"sibling_threshold": -0.1}, "strategy.sibling_threshold: Input should be greater than or equal to 0"),

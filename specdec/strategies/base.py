@@ -182,7 +182,7 @@ class TreeDrafter:
             tokens=torch.tensor(self.tokens, dtype=torch.long),
             parents=torch.tensor(self.parents, dtype=torch.long),
             depths=torch.tensor(self.depths, dtype=torch.long),
-            mode="deterministic" if self.greedy else "without_replacement",
+            mode="deterministic" if self.greedy or not self.proposals else "without_replacement",
             draft_probs=draft_probs,
             draft_kv=self.draft_kv,
             fixed=self.fixed if any(self.fixed) else None,

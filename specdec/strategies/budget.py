@@ -12,7 +12,8 @@ divided by the step's cost rises. When a drafted step ends with no node worth ad
 skipped (plain `ar` steps) for a doubling number of steps, then probed again.
 
 Example (t_target: 1 node 30 ms, 2 nodes 32 ms; the draft start 4 ms; estimate 0.6): without the
-node 1 / 34 ms = 29 tok/s, with it 1.6 / 36 ms = 44 tok/s: the node joins.
+node 1 / 34 ms = 29 tok/s, with it 1.6 / 36 ms = 44 tok/s, above plain decoding's 1 / 30 ms = 33
+tok/s: the node joins.
 """
 
 from __future__ import annotations
@@ -77,9 +78,12 @@ class Planner:
 
     def pays(self, estimate: float, feed_queries: int = 0) -> bool:
         """Whether one more node of this estimate (after a draft forward of `feed_queries`
-        entries, when its parent must be fed first) raises the step's expected rate."""
+        entries, when its parent must be fed first) raises the step's expected rate above both
+        the rate so far and plain decoding's (no draft forward at all), so a draft that costs
+        more than it saves is given up."""
         extra = self.costs.draft_seconds(feed_queries, self.context) if feed_queries else 0.0
-        return self._rate(self.nodes + 1, self.expected + estimate, extra) > self._rate(self.nodes, self.expected)
+        plain = 1.0 / self.costs.target_seconds(1, self.context)
+        return self._rate(self.nodes + 1, self.expected + estimate, extra) > max(self._rate(self.nodes, self.expected), plain)
 
     def add(self, estimate: float) -> None:
         self.nodes += 1

@@ -138,7 +138,7 @@ class DySpecStrategy(Strategy):
             planner.begin(len(ctx.tokens), len(ctx.tokens) - draft.committed_len)
         growth.open(0, drafter.start())
         if planner is not None:
-            grow_auto(growth, planner, opts.node_cap)
+            grow_auto(growth, planner, opts.node_cap, opts.expand_per_step)
         elif opts.mode == "heap":
             self._grow_best_first(growth, opts.max_nodes, opts.expand_per_step)
         else:
@@ -174,18 +174,20 @@ class DySpecStrategy(Strategy):
             level = next_level
 
 
-def grow_auto(growth: _Growth, planner: Planner, cap: int, feed: bool = True) -> None:
-    """Best-first while the best candidate pays; then feed the new nodes (one draft forward) if
-    the best of them is expected to have a child that pays for that forward too. Without `feed`
-    (drafting skipped) only fixed candidates can join."""
+def grow_auto(growth: _Growth, planner: Planner, cap: int, per_forward: int, feed: bool = True) -> None:
+    """Best-first, up to `per_forward` nodes a round while the best candidate pays; then feed the
+    round's nodes (one draft forward) if the best of them is expected to have a child that pays
+    for that forward too. Without `feed` (drafting skipped) only fixed candidates can join."""
     while growth.heap and planner.nodes < cap:
         batch = []
-        while growth.heap and planner.nodes < cap and planner.pays(-growth.heap[0][0]):
+        while growth.heap and len(batch) < per_forward and planner.nodes < cap and planner.pays(-growth.heap[0][0]):
             value = -growth.heap[0][0]
             batch.append(growth.grow(growth.heap))
             planner.add(value)
         fed = [n for n in batch if growth.drafter.depths[n] < growth.max_depth] if feed else []
         if not fed or planner.nodes >= cap:
+            if len(batch) == per_forward and not feed:
+                continue  # fixed candidates only: no forward between rounds
             break
         best = max(fed, key=lambda n: growth.path_prob[n])
         prospect = planner.prospect(growth.path_prob[best], growth.drafter.depths[best])
@@ -193,4 +195,5 @@ def grow_auto(growth: _Growth, planner: Planner, cap: int, feed: bool = True) ->
             break
         planner.draft_forward(len(fed))
         growth.feed(fed)
-    planner.end()
+    if feed:
+        planner.end()

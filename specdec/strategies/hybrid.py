@@ -64,7 +64,7 @@ class HybridStrategy(DySpecStrategy):
         if use_draft:
             growth.open(0, drafter.start())
         if planner is not None:
-            grow_auto(growth, planner, opts.node_cap, feed=use_draft)
+            grow_auto(growth, planner, opts.node_cap, opts.expand_per_step, feed=use_draft)
         else:
             self._grow_best_first(growth, opts.max_nodes, opts.expand_per_step)
         return drafter.tree()

@@ -1,0 +1,368 @@
+"""`auto` draft budgets (chain k, dyspec / hybrid max_nodes): lossless, bounded by the caps and the
+context, drafting only while it pays under hand-made cost curves, and the planner's own rules."""
+
+import pytest
+import torch
+
+import specdec.decoder
+from helpers import hf_greedy
+from specdec.backends.pytorch import PyTorchBackend
+from specdec.config import GenerationOptions, resolve
+from specdec.costs import CostModel, Curve
+from specdec.decoder import SpeculativeDecoder
+from specdec.errors import SpecdecError
+from specdec.plugins import get_strategy
+from specdec.sampling import Random, Warp
+from specdec.strategies.base import DraftContext
+from specdec.strategies.budget import DECAY, DEPTHS, MAX_BACKOFF, Planner
+from specdec.testing import TableBackend, random_table, table_greedy
+from specdec.tree import DraftTree, Verdict, depths_from_parents, validate_tree
+
+ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
+PROMPT = [3, 17, 42, 8, 60, 5, 5, 21]
+NEW_TOKENS = 80
+AUTO = {
+    "chain": ("chain", {"k": "auto"}),
+    "dyspec": ("dyspec", {"max_nodes": "auto", "node_cap": 16, "max_depth": 6}),
+    "hybrid": ("hybrid", {"max_nodes": "auto", "node_cap": 16, "max_depth": 6}),
+}
+
+
+def curve(*seconds: float, queries=(1, 2)) -> Curve:
+    """A context-independent t(Q) through (queries[i], seconds[i])."""
+    return Curve(list(queries), [0], [list(seconds)])
+
+
+# a 30 ms target forward growing slowly with the nodes, a 2 ms draft forward
+REALISTIC = CostModel(curve(0.030, 0.0305, 0.032, 0.040, queries=(1, 2, 8, 32)), curve(0.002, 0.006, queries=(1, 64)))
+FLAT = CostModel(curve(0.01, 0.01), None)  # every node is free: only the caps stop growth
+STEEP = CostModel(curve(1.0, 2.0), curve(0.001, 0.001))  # each node costs a whole forward
+COSTLY_DRAFT = CostModel(curve(0.030, 0.0301), curve(1.0, 1.0))  # one draft forward: 33 target forwards
+
+
+@pytest.fixture(autouse=True)
+def no_measuring(monkeypatch):
+    """The costs are hand-made here: measuring would mean a decoder ignored them."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("forward costs were measured")
+
+    monkeypatch.setattr(specdec.decoder, "measured_costs", refuse)
+    monkeypatch.setattr(specdec.decoder, "calibrated_costs", refuse)
+
+
+def auto_strategy(label: str, costs: CostModel, **extra):
+    name, options = AUTO[label]
+    component = get_strategy(name)
+    strategy = component.cls(component.cls.Options(**{**options, **extra}))
+    strategy.set_costs(costs)  # before the decoder is built: nothing is measured
+    return strategy
+
+
+def pytorch_decoder(target_model, draft_model, strategy) -> SpeculativeDecoder:
+    return SpeculativeDecoder(PyTorchBackend(target_model), PyTorchBackend(draft_model), strategy, GenerationOptions())
+
+
+def table_decoder(target, draft, vocab, strategy) -> SpeculativeDecoder:
+    return SpeculativeDecoder(TableBackend(target, vocab), TableBackend(draft, vocab), strategy, GenerationOptions())
+
+
+def record_proposals(decoder) -> list:
+    """(ctx.max_depth, len(ctx.tokens), tree) of every proposal, by wrapping `propose`."""
+    proposals = []
+    propose = decoder.strategy.propose
+
+    def recording(draft, ctx):
+        tree = propose(draft, ctx)
+        proposals.append((ctx.max_depth, len(ctx.tokens), tree))
+        return tree
+
+    decoder.strategy.propose = recording
+    return proposals
+
+
+def probes(steps: int) -> int:
+    """Draft forwards of `steps` proposals that never find a node worth drafting: a probe, then a
+    doubling number of skipped steps (at most MAX_BACKOFF) before the next."""
+    count, step, backoff = 0, 0, 1
+    while step < steps:
+        count, step, backoff = count + 1, step + 1 + backoff, min(2 * backoff, MAX_BACKOFF)
+    return count
+
+
+@pytest.fixture(scope="module")
+def references():
+    from conftest import cached_model
+
+    return {arch: hf_greedy(cached_model(arch, 0), PROMPT, NEW_TOKENS) for arch in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("draft", ["same", "random"])
+@pytest.mark.parametrize("label", list(AUTO))
+def test_greedy_auto_matches_target(label, draft, arch, models, drafts, references):
+    decoder = pytorch_decoder(models(arch, 0), drafts(arch, draft), auto_strategy(label, REALISTIC))
+    proposals = record_proposals(decoder)
+    out = decoder.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+    assert out.token_ids == references[arch]
+    for _, _, tree in proposals:
+        validate_tree(tree)
+        if label == "chain":
+            assert len(tree) == tree.depth + 1 and tree.depth <= 16  # a chain within max_k
+        else:
+            assert len(tree) - 1 <= 16 and tree.depth <= 6  # node_cap, max_depth
+    if draft == "same":  # drafting pays: the draft's top path is always accepted
+        assert out.metrics.mean_accepted_length > 2.0
+    else:
+        assert out.metrics.mean_accepted_length < 1.5
+
+
+FREE = CostModel(curve(0.010, 0.010), curve(0.0001, 0.0001))  # nodes free, a draft forward 1% of a target one
+
+
+@pytest.mark.parametrize("label", list(AUTO))
+def test_free_nodes_make_auto_trees_deep(label, models, references):
+    """Nodes cost nothing and the draft is always right (`same`): auto should draft deep trees,
+    accepting more than one draft token per step on average.
+
+    Fails for dyspec and hybrid at the time of writing (mean depth 1.0 and 1.8, 1.98 tokens per
+    step; chain: depth 6.1, 6.6 tokens per step): `grow_auto` adds every candidate that pays before
+    feeding any of them, so when nodes are cheap the node cap (16) fills with low-value children of
+    the root and the children of the best nodes are never reached."""
+    decoder = pytorch_decoder(models("llama", 0), models("llama", 0), auto_strategy(label, FREE))
+    proposals = record_proposals(decoder)
+    out = decoder.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+    assert out.token_ids == references["llama"]
+    assert sum(t.depth for _, _, t in proposals) / len(proposals) > 1.5
+    assert out.metrics.mean_accepted_length > 2.5
+
+
+@pytest.mark.parametrize("label", ["dyspec", "hybrid"])
+def test_node_cap_and_max_depth_bound_free_trees(label, models):
+    decoder = pytorch_decoder(models("llama", 0), models("llama", 0), auto_strategy(label, FLAT, node_cap=5, max_depth=3))
+    proposals = record_proposals(decoder)
+    out = decoder.generate(PROMPT * 3, max_new_tokens=40)
+    assert out.token_ids == hf_greedy(models("llama", 0), PROMPT * 3, 40)
+    for _, _, tree in proposals:
+        validate_tree(tree)
+        assert tree.depth <= 3
+        assert len(tree) - 1 == 5  # free nodes: the cap, never more, is what stops growth
+
+
+def test_max_k_bounds_a_free_chain(models):
+    decoder = pytorch_decoder(models("llama", 0), models("llama", 0), auto_strategy("chain", FLAT, max_k=3))
+    proposals = record_proposals(decoder)
+    out = decoder.generate(PROMPT, max_new_tokens=40)
+    assert out.token_ids == hf_greedy(models("llama", 0), PROMPT, 40)
+    assert [t.depth for _, _, t in proposals] == [min(3, limit) for limit, _, _ in proposals]
+    assert all(len(t) == t.depth + 1 for _, _, t in proposals)
+
+
+@pytest.mark.parametrize("label", list(AUTO))
+def test_auto_trees_respect_the_step_depth_limit(label):
+    """The loop's depth limit (tokens still wanted, room left in the context) binds auto growth."""
+    vocab, table = 3, random_table(3, 3, context=None)
+    draft = TableBackend(table, vocab)
+    strategy = auto_strategy(label, FLAT, **({} if label == "chain" else {"node_cap": 64}))  # room for every path
+    tokens = [0, 1, 2, 0, 1, 2]  # hybrid: lookup candidates too
+    for limit in (1, 2, 3):
+        draft.reset()
+        tree = strategy.propose(draft, DraftContext(tokens, len(tokens), limit, Warp(), Random(0)))
+        validate_tree(tree)
+        assert tree.depth == limit  # free nodes, room for all 3 + 9 + 27: as deep as allowed, no deeper
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("label", list(AUTO))
+def test_auto_trees_stay_inside_the_context(label, arch, models):
+    target = models(arch, 0)
+    decoder = pytorch_decoder(target, target, auto_strategy(label, REALISTIC))
+    limit = decoder.target.max_length
+    prompt = (PROMPT * 100)[: limit - 12]
+    proposals = record_proposals(decoder)
+    out = decoder.generate(prompt, max_new_tokens=12)
+    assert out.token_ids == hf_greedy(target, prompt, 12)
+    assert max(t.depth for _, _, t in proposals) >= 2
+    for max_depth, context, tree in proposals:
+        assert tree.depth <= max_depth and context - 1 + tree.depth <= limit - 1  # the deepest position exists
+
+
+@pytest.mark.parametrize("label", list(AUTO))
+def test_auto_degrades_to_ar_when_nodes_cost_a_forward_each(label, models, references):
+    decoder = pytorch_decoder(models("llama", 0), models("llama", 0), auto_strategy(label, STEEP))
+    proposals = record_proposals(decoder)
+    out = decoder.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+    assert out.token_ids == references["llama"]
+    assert all(len(tree) == 1 for _, _, tree in proposals)
+    assert 1 <= out.metrics.draft_forwards <= probes(len(proposals)) < len(proposals) // 4
+
+
+@pytest.mark.parametrize("label", list(AUTO))
+def test_auto_degrades_to_ar_when_the_draft_costs_more_than_it_saves(label):
+    """A draft forward costs as much as 33 target forwards: even a draft that is always right
+    (`same`) cannot pay for one, so auto should fall back to plain steps, probing with the backoff.
+
+    Fails at the time of writing (49 draft forwards in 49 steps, at most 6 expected; under these
+    costs 50.5 s against 3.0 s for plain steps): the step's draft start forward is counted on both
+    sides of `Planner.pays` (sunk), so any node with a positive estimate joins and every step drafts."""
+    vocab, table = 20, random_table(5, 20, context=None)
+    decoder = table_decoder(table, table, vocab, auto_strategy(label, COSTLY_DRAFT))
+    proposals = record_proposals(decoder)
+    out = decoder.generate([1, 2, 3], max_new_tokens=100)
+    assert out.token_ids == table_greedy(table, [1, 2, 3], 100)
+    assert out.metrics.draft_forwards <= probes(len(proposals))
+
+
+# t(Q) is t = Q (each node a whole forward) up to a cache of 40 entries, flat from 41 on
+LATE_PAYING = CostModel(Curve([1, 2], [0, 40, 41, 100_000], [[1.0, 2.0], [1.0, 2.0], [1.0, 1.0], [1.0, 1.0]]), curve(0.001, 0.001))
+
+
+@pytest.mark.parametrize("label", list(AUTO))
+def test_drafting_resumes_when_it_pays_again(label):
+    """After the backoff, drafting is probed again, so it resumes once nodes stop costing.
+
+    Fails for hybrid at the time of writing: its steps without the draft (lookup only) call
+    `Planner.end()` too, which re-arms the skip counter every step before it reaches 0, so once
+    no lookup node pays the draft model is never consulted again."""
+    vocab, table = 20, random_table(5, 20, context=None)
+    # n-grams of 8 never repeat in this table's text: no lookup node can pay for the draft
+    extra = {"min_ngram": 8, "max_ngram": 8} if label == "hybrid" else {}
+    decoder = table_decoder(table, table, vocab, auto_strategy(label, LATE_PAYING, **extra))
+    proposals = record_proposals(decoder)
+    out = decoder.generate([1, 2, 3], max_new_tokens=120)
+    assert out.token_ids == table_greedy(table, [1, 2, 3], 120)
+    assert all(len(tree) == 1 for _, context, tree in proposals if context <= 40)
+    assert sum(len(tree) > 1 for _, context, tree in proposals if context > 41) >= 5
+
+
+# -- the planner on its own ----------------------------------------------------------------------
+
+def tree_of(parents: list[int]) -> DraftTree:
+    parents_t = torch.tensor(parents)
+    return DraftTree(torch.arange(len(parents)), parents_t, depths_from_parents(parents_t))
+
+
+def test_planner_pays_as_in_its_docstring():
+    """t_target: 1 node 30 ms, 2 nodes 32 ms; the draft start 4 ms: a node of estimate 0.6 joins
+    (1.6 / 36 ms > 1 / 34 ms), one of 0.05 does not (1.05 / 36 ms < 1 / 34 ms)."""
+    planner = Planner(CostModel(curve(0.030, 0.032), curve(0.004, 0.005)))
+    planner.begin(100, draft_queries=1)
+    assert planner.draft_seconds == pytest.approx(0.004)
+    assert planner.pays(0.6) and not planner.pays(0.05)
+    planner.add(0.6)
+    assert planner.nodes == 1 and planner.expected == pytest.approx(1.6)
+    # feeding the new node first (another 4 ms): a child of 0.2 no longer pays, one of 0.6 does
+    assert planner.pays(0.6, feed_queries=1) and not planner.pays(0.2, feed_queries=1)
+
+
+def test_planner_backs_off_doubling_up_to_the_cap():
+    planner = Planner(CostModel(curve(1.0, 2.0), None))
+    drafted = []
+    for _ in range(200):
+        draft = planner.should_draft()
+        drafted.append(draft)
+        if draft:
+            planner.begin(10, 1)
+            planner.end()  # nothing paid
+    steps = [i for i, d in enumerate(drafted) if d]
+    gaps = [b - a - 1 for a, b in zip(steps, steps[1:])]
+    assert gaps[:7] == [1, 2, 4, 8, 16, 32, 32] and set(gaps[5:]) == {MAX_BACKOFF}
+    assert len(steps) == probes(200)
+    planner.skip = 0
+    planner.begin(10, 1)
+    planner.add(0.5)
+    planner.end()  # a node paid: draft every step again
+    assert planner.backoff == 1 and planner.should_draft() and planner.should_draft()
+
+
+def test_planner_observe_moves_the_scales_toward_observed_acceptance():
+    # root -> 1, 2 (draft, raw .6 and .3); 1 -> 3 (draft .5); 2 -> 4 (lookup)
+    tree, raw = tree_of([-1, 0, 0, 1, 2]), [1.0, 0.6, 0.3, 0.5, 1.0]
+    sources = ["draft", "draft", "draft", "draft", "lookup"]
+    planner = Planner(CostModel(curve(1.0, 1.0), None))
+    planner.observe(tree, Verdict(path=[0, 1, 3], bonus_token=0), raw, sources)
+    assert set(planner.scales) == {("draft", 1), ("draft", 2)}  # node 3 has no children: depth 3 not reached
+    assert planner.scales[("draft", 1)] == pytest.approx([1.0 + 1.0, 1.0 + 0.6 + 0.3])  # prior (1, 1) + this step
+    assert planner.scales[("draft", 2)] == pytest.approx([1.0 + 1.0, 1.0 + 0.5])
+    assert planner.conditional("draft", 1, 0.5) == pytest.approx(0.5 * 2.0 / 1.9)
+    planner.observe(tree, Verdict(path=[0, 2, 4], bonus_token=0), raw, sources)
+    assert planner.scales[("draft", 1)] == pytest.approx([2.0 * DECAY + 1.0, 1.9 * DECAY + 0.9])  # node 2 accepted
+    assert planner.scales[("lookup", 2)] == pytest.approx([0.5 + 1.0, 1.0 + 1.0])  # node 4 accepted
+    assert planner.scales[("draft", 2)] == pytest.approx([2.0 * DECAY, 1.5 * DECAY])  # not reached: decayed only
+
+    never = Planner(CostModel(curve(1.0, 1.0), None))  # predicted .9 per step, never accepted
+    always = Planner(CostModel(curve(1.0, 1.0), None))  # predicted .2 per step, always accepted
+    for _ in range(100):
+        never.observe(tree, Verdict(path=[0], bonus_token=0), raw, sources)
+        always.observe(tree, Verdict(path=[0, 1], bonus_token=0), [1.0, 0.1, 0.1, 0.5, 1.0], sources)
+    assert never.conditional("draft", 1, 0.6) < 0.02
+    observed, predicted = always.scales[("draft", 1)]
+    assert observed / predicted == pytest.approx(5.0, rel=0.05) and always.conditional("draft", 1, 0.1) == pytest.approx(0.5, rel=0.05)
+    assert always.conditional("draft", 1, 0.5) == 1.0  # capped
+    always.reset()
+    assert always.scales == {} and always.conditional("draft", 1, 0.5) == 0.5
+
+
+def test_planner_depths_beyond_the_last_share_its_scale():
+    chain = tree_of(list(range(-1, DEPTHS + 2)))  # depths 1 .. DEPTHS + 2, all accepted
+    planner = Planner(CostModel(curve(1.0, 1.0), None))
+    planner.observe(chain, Verdict(path=list(range(DEPTHS + 3)), bonus_token=0), [1.0] + [0.5] * (DEPTHS + 2), ["draft"] * (DEPTHS + 3))
+    assert max(depth for _, depth in planner.scales) == DEPTHS
+    assert planner.scales[("draft", DEPTHS)] == [1.0 + 3.0, 1.0 + 1.5]  # depths DEPTHS, +1, +2 pooled
+    assert planner.conditional("draft", DEPTHS + 5, 0.25) == planner.conditional("draft", DEPTHS, 0.25)
+
+
+# -- construction and options --------------------------------------------------------------------
+
+def test_an_auto_strategy_without_costs_is_refused_or_measured(monkeypatch):
+    component = get_strategy("chain")
+    strategy = component.cls(component.cls.Options(k="auto"))
+    assert strategy.needs_costs and not component.cls(component.cls.Options(k=3)).needs_costs
+    draft = TableBackend(random_table(1, 5), 5)
+    with pytest.raises(SpecdecError, match="has an auto budget but no measured costs"):
+        strategy.propose(draft, DraftContext([1, 2], 2, 3, Warp(), Random(0)))
+    calls = []
+    monkeypatch.setattr(specdec.decoder, "measured_costs", lambda target, draft: calls.append(1) or FLAT)
+    decoder = table_decoder(random_table(1, 5), random_table(1, 5), 5, strategy)
+    assert calls == [1] and strategy.planner.costs is FLAT
+    table_decoder(random_table(1, 5), random_table(1, 5), 5, strategy)  # costs set: not measured again
+    assert calls == [1]
+    assert len(decoder.generate([1, 2], max_new_tokens=5).token_ids) == 5
+
+
+def test_from_config_calibrates_an_auto_strategy(write_config, monkeypatch):
+    calls = []
+    monkeypatch.setattr(specdec.decoder, "calibrated_costs", lambda config, target, draft: calls.append(config) or FLAT)
+    auto = SpeculativeDecoder.from_config(write_config(strategy={"name": "dyspec", "max_nodes": "auto"}))
+    assert len(calls) == 1 and auto.strategy.planner.costs is FLAT
+    SpeculativeDecoder.from_config(write_config(strategy={"name": "dyspec", "max_nodes": 4}))
+    assert len(calls) == 1
+
+
+def resolve_strategy(name: str, **options):
+    return resolve({"target": {"model": "t"}, "draft": {"model": "d"}, "strategy": {"name": name, **options}}, "c.yaml")
+
+
+@pytest.mark.parametrize("name, key", [("chain", "k"), ("dyspec", "max_nodes"), ("hybrid", "max_nodes")])
+def test_auto_budgets_validate(name, key):
+    assert getattr(resolve_strategy(name, **{key: "auto"}).strategy.options, key) == "auto"
+    assert getattr(resolve_strategy(name, **{key: 5}).strategy.options, key) == 5
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("chain", {"k": 0}, "c.yaml: strategy.k: Value error, expected a whole number from 1 to 256, or auto (got 0)"),
+        ("chain", {"k": "many"}, "c.yaml: strategy.k: Value error, expected a whole number from 1 to 256, or auto (got 'many')"),
+        ("chain", {"k": 257}, "expected a whole number from 1 to 256, or auto (got 257)"),
+        ("chain", {"k": 2.5}, "expected a whole number from 1 to 256, or auto (got 2.5)"),
+        ("chain", {"k": True}, "expected a whole number from 1 to 256, or auto (got True)"),
+        ("dyspec", {"max_nodes": 0}, "strategy.max_nodes: Value error, expected a whole number from 1 to 1024, or auto (got 0)"),
+        ("hybrid", {"max_nodes": "Auto"}, "expected a whole number from 1 to 1024, or auto (got 'Auto')"),
+        ("chain", {"k": "auto", "adaptive": True}, "c.yaml: strategy: Value error, k: auto already adapts; leave adaptive off"),
+    ],
+)
+def test_bad_budgets_give_one_clear_line(name, options, message):
+    with pytest.raises(SpecdecError) as info:
+        resolve_strategy(name, **options)
+    assert message in str(info.value) and "\n" not in str(info.value)
