@@ -150,12 +150,14 @@ class OnnxRuntimeBackend(Backend):
         start = time.perf_counter()
         query, used = input_ids.shape[1], self._committed + self._pending
         self._reserve(used + query)
-        capacity = self.kv[0].shape[2]
+        # An empty cache (a prefill) is passed as capacity 0: attention then skips the unused slots.
+        past = self.kv if used else [t[:, :, :0] for t in self.kv]
+        capacity = past[0].shape[2]
         full = torch.zeros(1, 1, query, capacity + query, dtype=torch.bool)  # [1, 1, Q, C + Q]
         full[0, 0, :, : self._committed] = True
         full[0, 0, :, self._committed : used] = mask[0, :, : self._pending]
         full[0, 0, :, capacity:] = mask[0, :, self._pending :]
-        inputs = [input_ids.long(), position_ids.long(), full] + self.kv
+        inputs = [input_ids.long(), position_ids.long(), full] + past
         logits = torch.empty(1, query, self.vocab_size, dtype=self.dtype, device=self.device)
         presents = [torch.empty(1, t.shape[1], query, t.shape[3], dtype=self.dtype, device=self.device) for t in self.kv]
         binding = self.session.io_binding()
