@@ -99,7 +99,7 @@ def test_plugin_options_are_validated_by_the_plugins_model(fake_distribution):
     from specdec.config import resolve
 
     raw = {"target": {"model": "t"}, "draft": {"model": "d"}, "strategy": {"name": "echo_chain", "k": 0}}
-    with pytest.raises(SpecdecError, match="strategy.k: Input should be greater than or equal to 1"):
+    with pytest.raises(SpecdecError, match="strategy.k: Value error, expected a whole number from 1 to 256, or auto"):
         resolve(raw)
     assert resolve({**raw, "strategy": {"name": "echo_chain"}}).strategy.options == ChainOptions()
 
@@ -175,7 +175,7 @@ def test_every_hookspec_has_a_test_implementing_it():
 def test_plugins_command_lists_builtin_and_installed_plugins(fake_distribution, capsys):
     main(["plugins", "--json"])
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-    assert rows["specdec.strategies"]["strategies"] == ["ar", "chain", "dyspec", "gsd", "static_tree"]
+    assert rows["specdec.strategies"]["strategies"] == ["ar", "chain", "dyspec", "gsd", "hybrid", "static_tree"]
     assert rows["specdec.backends"]["hooks"] == ["register_backends"]
     fake = rows["fake-specdec-plugin"]
     assert fake["version"] == "0.1" and fake["hooks"] == ["register_commands", "register_strategies"]
