@@ -32,10 +32,7 @@ CURVE_VERSION = 1
 def time_forward(backend: Backend, query: int, context: int, repeats: int = 5, warmup: int = 1) -> float:
     """Median seconds of one forward of `query` new entries (a chain: the mask is dense enough
     that a tree of the same size costs the same) over `context` committed entries."""
-    _fill(backend, context)
-    ids = torch.randint(0, backend.vocab_size, (1, query))
-    positions = torch.arange(context, context + query)[None]
-    mask = torch.ones(query, query, dtype=torch.bool).tril_()[None]
+    ids, positions, mask = chain_inputs(backend, query, context)
     times = []
     for i in range(warmup + repeats):
         start = time.perf_counter()
@@ -47,12 +44,16 @@ def time_forward(backend: Backend, query: int, context: int, repeats: int = 5, w
     return statistics.median(times)
 
 
-def _fill(backend: Backend, context: int) -> None:
-    """Make the cache hold exactly `context` committed entries (content is irrelevant to cost)."""
+def chain_inputs(backend: Backend, query: int, context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Make the cache hold exactly `context` committed entries (content is irrelevant to cost)
+    -> forward inputs of a chain of `query` new entries: ids, positions [1, Q], mask [1, Q, Q]."""
     if backend.committed_len != context or backend.pending_len:
         backend.reset()
         generator = torch.Generator().manual_seed(0)
         backend.prefill(torch.randint(0, backend.vocab_size, (1, context), generator=generator))
+    ids = torch.randint(0, backend.vocab_size, (1, query))
+    positions = torch.arange(context, context + query)[None]
+    return ids, positions, torch.ones(query, query, dtype=torch.bool).tril_()[None]
 
 
 @dataclass

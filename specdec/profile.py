@@ -11,10 +11,8 @@ from __future__ import annotations
 import statistics
 import time
 
-import torch
-
 from specdec.backends.base import Backend
-from specdec.costs import Curve, _fill
+from specdec.costs import Curve, chain_inputs
 
 TOP_OPERATORS = 10
 
@@ -33,10 +31,7 @@ def curve_table(curve: Curve) -> str:
 def breakdown(backend: Backend, query: int, context: int, repeats: int = 5) -> tuple[float, list[tuple[str, float]]] | None:
     """(wall seconds per forward, [(operator, seconds per forward)] largest first, with the time
     outside operators last) for forwards of `query` entries over `context`; None without a profiler."""
-    _fill(backend, context)
-    ids = torch.randint(0, backend.vocab_size, (1, query))
-    positions = torch.arange(context, context + query)[None]
-    mask = torch.ones(query, query, dtype=torch.bool).tril_()[None]
+    ids, positions, mask = chain_inputs(backend, query, context)
     backend.forward(ids, positions, mask)  # warm-up
     backend.rollback()
     walls = []

@@ -49,7 +49,9 @@ def verify_sampling(tree: DraftTree, target_probs: torch.Tensor, rng: Random) ->
     proposals = None if tree.mode == "deterministic" else tree.draft_probs
     tokens = tree.tokens.tolist()
     fixed = tree.fixed or [False] * len(tree)
-    children = [sorted(kids, key=lambda c: not fixed[c]) for kids in tree.children()]  # fixed first
+    children = tree.children()
+    if tree.fixed:
+        children = [sorted(kids, key=lambda c: not fixed[c]) for kids in children]  # fixed first
     path = [0]
     while True:
         node = path[-1]

@@ -3,7 +3,6 @@ trees mixing fixed (lookup) and drawn children, and sampled output through the w
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections import Counter
 
@@ -23,7 +22,7 @@ from specdec.testing import TableBackend, random_table
 from specdec.tree import DraftTree, depths_from_parents, validate_tree
 from specdec.verify import verify_sampling
 from test_sampling_exact import ROOT, WARPS, first_tokens_distribution, logits_table, target_distribution
-from test_sampling_loop import DRAFT, LENGTH, SAMPLES, TARGET, VOCAB, tv_bound
+from test_sampling_loop import DRAFT, LENGTH, SAMPLES, TARGET, VOCAB, exact_distribution, tv_bound
 from test_tree_strategies import decoder_for
 
 # -- the n-gram index ----------------------------------------------------------------------------
@@ -250,16 +249,6 @@ HYBRID = dict(max_nodes=4, max_depth=2, expand_per_step=2)
 LOOP_COSTS = CostModel(Curve([1, 2, 8], [0], [[0.010, 0.0105, 0.0135]]), None)
 
 
-def exact_distribution(prompt: tuple, warp: Warp) -> dict[tuple, float]:
-    dist = {}
-    for seq in itertools.product(range(VOCAB), repeat=LENGTH):
-        prob = 1.0
-        for j in range(LENGTH):
-            prob *= float(warp_probs(TARGET(prompt + seq[:j]), warp)[seq[j]])
-        dist[seq] = prob
-    return dist
-
-
 def sampled_tv(decoder, warp: Warp) -> tuple[float, float, Counter]:
     """TV of the first LENGTH tokens after LOOP_PROMPT, its bound, and what the trees held. One
     token more is generated, so that the first step may draft two deep."""
@@ -288,7 +277,7 @@ def sampled_tv(decoder, warp: Warp) -> tuple[float, float, Counter]:
                                top_k=warp.top_k, top_p=warp.top_p, seed=seed).token_ids[:LENGTH])
         for seed in range(SAMPLES)
     )
-    want = exact_distribution(LOOP_PROMPT, warp)
+    want = exact_distribution(warp, LOOP_PROMPT)
     return 0.5 * sum(abs(counts[s] / SAMPLES - p) for s, p in want.items()), tv_bound(want), seen
 
 

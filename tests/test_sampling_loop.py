@@ -29,12 +29,12 @@ STRATEGIES = {
 }
 
 
-def exact_distribution(warp: Warp) -> dict[tuple, float]:
+def exact_distribution(warp: Warp, prompt: tuple = PROMPT) -> dict[tuple, float]:
     dist = {}
     for seq in itertools.product(range(VOCAB), repeat=LENGTH):
         prob = 1.0
         for j in range(LENGTH):
-            prob *= float(warp_probs(TARGET(PROMPT + seq[:j]), warp)[seq[j]])
+            prob *= float(warp_probs(TARGET(prompt + seq[:j]), warp)[seq[j]])
         dist[seq] = prob
     return dist
 

@@ -31,7 +31,7 @@ from pydantic import Field
 from specdec.backends.base import Backend
 from specdec.strategies.base import DraftContext, Strategy, StrategyOptions, TreeDrafter
 from specdec.strategies.budget import Budget, Planner
-from specdec.tree import DraftTree, Verdict, chain_tree
+from specdec.tree import DraftTree, Verdict
 
 
 class DySpecOptions(StrategyOptions):
@@ -129,25 +129,29 @@ class DySpecStrategy(Strategy):
     def propose(self, draft: Backend, ctx: DraftContext) -> DraftTree:
         opts = self.options
         planner = self.auto_planner() if opts.max_nodes == "auto" else None
-        if planner is not None and not planner.should_draft():
-            return chain_tree([ctx.tokens[-1]])
+        use_draft = planner is None or planner.should_draft()  # skipped: a root-only (or lookup-only) tree
         drafter = TreeDrafter(draft, ctx)
-        max_depth = min(opts.max_depth, ctx.max_depth)
-        growth = self._growth = _Growth(drafter, max_depth, planner)
+        growth = self._growth = self.growth(drafter, min(opts.max_depth, ctx.max_depth), planner)
         if planner is not None:
-            planner.begin(len(ctx.tokens), len(ctx.tokens) - draft.committed_len)
-        growth.open(0, drafter.start())
+            planner.begin(len(ctx.tokens), len(ctx.tokens) - draft.committed_len if use_draft else 0)
+        if use_draft:
+            growth.open(0, drafter.start())
         if planner is not None:
-            grow_auto(growth, planner, opts.node_cap, opts.expand_per_step)
+            grow_auto(growth, planner, opts.node_cap, opts.expand_per_step, feed=use_draft)
         elif opts.mode == "heap":
             self._grow_best_first(growth, opts.max_nodes, opts.expand_per_step)
         else:
             self._grow_by_threshold(growth, opts.max_nodes, opts.threshold)
         return drafter.tree()
 
+    def growth(self, drafter: TreeDrafter, max_depth: int, planner: Planner | None) -> _Growth:
+        """The tree under construction; `hybrid` adds its lookup candidates here."""
+        return _Growth(drafter, max_depth, planner)
+
     def update(self, verdict: Verdict, tree: DraftTree) -> None:
         if self.planner is not None and len(tree) > 1:
-            self.planner.observe(tree, verdict, self._growth.raw, ["draft"] * len(tree))
+            sources = ["lookup" if fixed else "draft" for fixed in self._growth.drafter.fixed]
+            self.planner.observe(tree, verdict, self._growth.raw, sources)
 
     @staticmethod
     def _grow_best_first(growth: _Growth, budget: int, per_forward: int) -> None:

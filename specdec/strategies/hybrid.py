@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from specdec.backends.base import Backend
-from specdec.strategies.base import DraftContext, TreeDrafter
-from specdec.strategies.dyspec import DySpecOptions, DySpecStrategy, _Growth, grow_auto
+from specdec.strategies.base import TreeDrafter
+from specdec.strategies.budget import Planner
+from specdec.strategies.dyspec import DySpecOptions, DySpecStrategy, _Growth
 from specdec.strategies.lookup import NgramIndex
-from specdec.tree import DraftTree, Verdict
 
 
 class HybridOptions(DySpecOptions):
@@ -51,25 +50,7 @@ class HybridStrategy(DySpecStrategy):
         super().reset()
         self.index.reset()
 
-    def propose(self, draft: Backend, ctx: DraftContext) -> DraftTree:
+    def growth(self, drafter: TreeDrafter, max_depth: int, planner: Planner | None) -> _Growth:
         opts = self.options
-        max_depth = min(opts.max_depth, ctx.max_depth)
-        trie = self.index.continuation_trie(ctx.tokens, min(opts.lookup_tokens, max_depth), opts.max_matches)
-        planner = self.auto_planner() if opts.max_nodes == "auto" else None
-        use_draft = planner is None or planner.should_draft()
-        drafter = TreeDrafter(draft, ctx)
-        growth = self._growth = _Growth(drafter, max_depth, planner, trie, opts.lookup_value)
-        if planner is not None:
-            planner.begin(len(ctx.tokens), len(ctx.tokens) - draft.committed_len if use_draft else 0)
-        if use_draft:
-            growth.open(0, drafter.start())
-        if planner is not None:
-            grow_auto(growth, planner, opts.node_cap, opts.expand_per_step, feed=use_draft)
-        else:
-            self._grow_best_first(growth, opts.max_nodes, opts.expand_per_step)
-        return drafter.tree()
-
-    def update(self, verdict: Verdict, tree: DraftTree) -> None:
-        if self.planner is not None and len(tree) > 1:
-            sources = ["lookup" if fixed else "draft" for fixed in self._growth.drafter.fixed]
-            self.planner.observe(tree, verdict, self._growth.raw, sources)
+        trie = self.index.continuation_trie(drafter.ctx.tokens, min(opts.lookup_tokens, max_depth), opts.max_matches)
+        return _Growth(drafter, max_depth, planner, trie, opts.lookup_value)
