@@ -134,27 +134,80 @@ def bench(configs, prompts, baselines, out, overrides, repeats, warmup, max_new_
 
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True, help="graph format")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
+              help="onnx: a graph with a dynamic tree-mask input; tensorrt: that graph plus an engine for this GPU")
 @click.option("--out", type=click.Path(file_okay=False), help="output folder (must not exist or be empty)")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="weights and activations "
+              "[default: float32 for onnx, float16 for tensorrt; bfloat16 is for tensorrt only]")
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's)")
-@click.option("--validate", is_flag=True, help="check the export against PyTorch afterwards")
-@click.option("--check", "check_dir", type=click.Path(file_okay=False), help="only check an existing export folder")
-def export(model, fmt, out, dtype, opset, validate, check_dir):
+@click.option("--max-nodes", default=64, show_default=True, type=click.IntRange(1), help="tensorrt: largest verified tree")
+@click.option("--max-context", type=click.IntRange(2), help="tensorrt: largest cache (default: the model's context)")
+@click.option("--prefill-chunk", default=256, show_default=True, type=click.IntRange(1), help="tensorrt: prompt tokens per prefill forward")
+@click.option("--validate", is_flag=True, help="check the export against PyTorch afterwards (tensorrt: then greedy decoding on the engine)")
+@click.option("--check", "check_dir", type=click.Path(file_okay=False), help="only check an existing ONNX export folder")
+def export(model, fmt, out, dtype, opset, max_nodes, max_context, prefill_chunk, validate, check_dir):
     """Export MODEL (a local folder or hub id) to a graph with a dynamic tree-mask input."""
     from pathlib import Path
 
     from specdec.export.onnx import check_export, export_onnx
 
+    if fmt == "tensorrt":
+        _export_tensorrt(model, out, dtype or "float16", opset, max_nodes, max_context, prefill_chunk, validate)
+        return
+    if dtype == "bfloat16":
+        raise click.UsageError("--dtype bfloat16 is for --format tensorrt (onnxruntime's CPU provider has no bfloat16 kernels)")
     if check_dir is None:
         if not model or not out:
             raise click.UsageError("give MODEL and --out DIR (or --check DIR to validate an export)")
-        export_onnx(model, Path(out), dtype, opset)
+        export_onnx(model, Path(out), dtype or "float32", opset)
         click.echo(f"exported {model} to {out}", err=True)
         if not validate:
             return
     folder = Path(check_dir or out)
     result = check_export(folder, model if check_dir else None)
+    _echo_check(result)
+    if not result["ok"]:
+        raise SpecdecError(f"the export does not match PyTorch within tolerance ({_worst(result)}); it is kept in {folder} "
+                           "for inspection: delete it before using or exporting again")
+
+
+def _export_tensorrt(model, out, dtype, opset, max_nodes, max_context, prefill_chunk, validate):
+    """ONNX export and engine build into OUT.partial, validated there, then renamed: nothing is
+    left behind when any step fails."""
+    import shutil
+    from pathlib import Path
+
+    from specdec.backends.tensorrt import import_tensorrt
+    from specdec.devices import resolve_device
+    from specdec.export.onnx import export_onnx
+    from specdec.export.tensorrt import build_engine, validate_engine
+
+    if not model or not out:
+        raise click.UsageError("give MODEL and --out DIR")
+    import_tensorrt()
+    resolve_device("cuda")
+    folder = Path(out)
+    if folder.exists() and any(folder.iterdir()):
+        raise SpecdecError(f"output folder {str(folder)!r} is not empty; remove it or choose another --out")
+    work = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        export_onnx(model, work, dtype, opset)
+        engine = build_engine(work, max_nodes, max_context, prefill_chunk)
+        if validate:
+            result = validate_engine(work, model, max_nodes, max_context, prefill_chunk)
+            _echo_check(result)
+            click.echo(f"greedy speculative decoding on the engine: {'identical' if result['greedy_identical'] else 'DIFFERS'}")
+            if not result["ok"]:
+                raise SpecdecError(f"the engine does not match PyTorch ({_worst(result)}); nothing was written")
+        shutil.rmtree(folder, ignore_errors=True)
+        work.rename(folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    click.echo(f"exported {model} to {folder} (engine {folder / engine.relative_to(work)})", err=True)
+
+
+def _echo_check(result: dict) -> None:
     sizes = ", ".join(f"{c['query']}/{c['past']}" for c in result["cases"])
     click.echo(
         f"max |logit diff| {result['max_abs_diff']:.2e}, {result['relative_diff']:.1e} of the largest logit "
@@ -162,9 +215,13 @@ def export(model, fmt, out, dtype, opset, validate, check_dir):
         f"{result['prob_tolerance']:.0e}); greedy choices agree: {'yes' if result['greedy_agree'] else 'NO'}; "
         f"{len(result['cases'])} random trees (query/past {sizes})"
     )
-    if not result["ok"]:
-        raise SpecdecError(f"the export does not match PyTorch within tolerance; it is kept in {folder} for "
-                           "inspection: delete it before using or exporting again")
+
+
+def _worst(result: dict) -> str:
+    worst = result["worst"]
+    return (f"worst at query {worst['query']}, past {worst['past']}: logit diff {worst['relative_diff']:.1e} of the largest "
+            f"logit (tolerance {result['tolerance']:.0e}), prob diff {worst['max_prob_diff']:.1e} (tolerance "
+            f"{result['prob_tolerance']:.0e}), greedy choices {'agree' if worst['greedy_agree'] else 'differ'}")
 
 
 @cli.command()

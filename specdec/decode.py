@@ -99,11 +99,11 @@ def _prefill(target, draft, strategy, prompt, warp, rng) -> int:
     strategy.reset()
     ids = torch.tensor([prompt], dtype=torch.long)
     target.reset()
-    logits = target.prefill(ids)[0]  # [V]
+    logits = target.prefill(ids)[0]  # [V], on the target's device
     if draft is not None:
         draft.reset()
         draft.prefill(ids)
-    return int(logits.argmax()) if warp.greedy else rng.sample(warp_probs(logits, warp))
+    return int(logits.argmax()) if warp.greedy else rng.sample(warp_probs(logits, warp).cpu())
 
 
 def _max_depth(target, draft, stopper, tokens, generated) -> int:
@@ -116,11 +116,13 @@ def _max_depth(target, draft, stopper, tokens, generated) -> int:
 
 
 def _verify(target: Backend, tree: DraftTree, warp: Warp, rng: Random) -> Verdict:
+    """The one host read of a target step: the [N] argmax choices, or the warped [N, V]
+    probabilities in one copy (verify_sampling reads many single entries)."""
     positions = target.committed_len + tree.depths  # [N]
-    logits = target.forward(tree.tokens[None], positions[None], ancestor_mask(tree.parents)[None])[0]
+    logits = target.forward(tree.tokens[None], positions[None], ancestor_mask(tree.parents)[None])[0]  # [N, V]
     if warp.greedy:
         return verify_greedy(tree, logits)
-    return verify_sampling(tree, warp_probs(logits, warp), rng)
+    return verify_sampling(tree, warp_probs(logits, warp).cpu(), rng)
 
 
 def _commit_draft(draft: Backend, tree: DraftTree, path: list[int]) -> None:

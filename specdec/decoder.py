@@ -147,10 +147,11 @@ def load_backend(spec: ModelSpec) -> Backend:
     """The configured backend over `spec.model`; a draft with a reduced vocabulary (a
     `specdec_vocab.json` beside its weights) is wrapped so that it speaks target ids."""
     from specdec.backends.vocab import MappedVocabBackend, read_vocab_map
+    from specdec.export import prepare
 
     component = plugins.get_backend(spec.backend)
     logger.info("loading %s with the %s backend", spec.model, spec.backend)
-    backend = component.cls.load(spec.model, spec.options)
+    backend = component.cls.load(prepare(spec.model, component.cls, spec.options), spec.options)
     vocab_map = read_vocab_map(spec.model) if Path(spec.model).expanduser().is_dir() else None
     if vocab_map is not None:
         backend = MappedVocabBackend(backend, vocab_map["draft_to_target"], vocab_map["target_vocab_size"])

@@ -21,6 +21,39 @@ def cached_draft(arch: str, kind: str):
             "perturbed": lambda: perturbed_copy(target, 0.03, seed=2)}[kind]()
 
 
+def _cuda_missing() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _tensorrt_missing() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # ImportError, or a CUDA library it loads is missing
+        return True
+    return False
+
+
+NO_CUDA = "needs a CUDA GPU (torch.cuda.is_available() is False)"
+NO_TENSORRT = "needs TensorRT (import tensorrt failed; pip install 'specdec[tensorrt]', see docs/gpu.md)"
+# marker -> what it needs, each as (missing?, reason), checked in order; TensorRT also needs a GPU
+REQUIREMENTS = {"gpu": [(_cuda_missing, NO_CUDA)], "tensorrt": [(_tensorrt_missing, NO_TENSORRT), (_cuda_missing, NO_CUDA)]}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu` and `tensorrt` tests, with the reason, where this machine cannot run them."""
+    missing = functools.cache(lambda check: check())  # each check at most once, only if a test needs it
+    for item in items:
+        for marker, needs in REQUIREMENTS.items():
+            if item.get_closest_marker(marker) is None:
+                continue
+            reason = next((why for check, why in needs if missing(check)), None)
+            if reason is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))
+                break
+
+
 @pytest.fixture
 def drafts():
     return cached_draft

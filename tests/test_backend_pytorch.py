@@ -24,9 +24,9 @@ def path_to(node: int) -> list[int]:
     return path[::-1]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_tree_forward_matches_sequential_paths(arch, models):
-    model = models(arch, 0)
+def tree_forward(model) -> tuple[torch.Tensor, list[list[int]]]:
+    """A random prompt, then one forward of the PARENTS tree of random tokens -> its logits [N, V]
+    and, per node, the token sequence (prompt + its path) a plain forward must agree with."""
     backend = PyTorchBackend(model)
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, VOCAB, (11,), generator=gen).tolist()
@@ -34,9 +34,15 @@ def test_tree_forward_matches_sequential_paths(arch, models):
     backend.prefill(torch.tensor([prompt]))
     positions = backend.committed_len + depths_from_parents(PARENTS)
     logits = backend.forward(tokens[None], positions[None], ancestor_mask(PARENTS)[None])[0]
-    for node in range(len(PARENTS)):
-        expected = reference_logits(model, prompt + tokens[path_to(node)].tolist())
-        torch.testing.assert_close(logits[node], expected, atol=1e-5, rtol=1e-5)
+    return logits, [prompt + tokens[path_to(node)].tolist() for node in range(len(PARENTS))]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tree_forward_matches_sequential_paths(arch, models):
+    model = models(arch, 0)
+    logits, paths = tree_forward(model)
+    for node, ids in enumerate(paths):
+        torch.testing.assert_close(logits[node], reference_logits(model, ids), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -9,13 +9,14 @@ import pytest
 pytest.importorskip("onnxruntime", reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
 
 from helpers import hf_greedy, make_decoder  # noqa: E402
-from specdec.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeOptions  # noqa: E402
+from specdec.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeOptions, create_session  # noqa: E402
 from specdec.backends.pytorch import PyTorchBackend  # noqa: E402
 from specdec.cli import main  # noqa: E402
-from specdec.config import GenerationOptions  # noqa: E402
-from specdec.decoder import SpeculativeDecoder  # noqa: E402
+from specdec.backends.onnx_contract import MANIFEST, read_manifest  # noqa: E402
+from specdec.config import GenerationOptions, ModelSpec  # noqa: E402
+from specdec.decoder import SpeculativeDecoder, load_backend  # noqa: E402
 from specdec.errors import SpecdecError  # noqa: E402
-from specdec.export.onnx import MANIFEST, check_export, export_onnx, read_manifest  # noqa: E402
+from specdec.export.onnx import check_export, export_onnx  # noqa: E402
 from specdec.plugins import get_strategy  # noqa: E402
 
 PROMPT = [3, 17, 42, 8, 60, 5]
@@ -80,13 +81,13 @@ def test_greedy_output_is_lossless_on_onnxruntime(strategy, options, placement, 
 
 def test_a_hugging_face_model_is_exported_on_first_use(exports, tmp_path, caplog):
     source, _ = exports["gpt2"]
-    options = OnnxRuntimeOptions(cache_dir=str(tmp_path / "cache"))
+    spec = ModelSpec(str(source), "onnxruntime", OnnxRuntimeOptions(cache_dir=str(tmp_path / "cache")))
     with caplog.at_level(logging.WARNING):
-        backend = OnnxRuntimeBackend.load(str(source), options)
+        backend = load_backend(spec)
     assert "exporting" in caplog.text and "first use" in caplog.text
     assert list((tmp_path / "cache").glob(f"*/{MANIFEST}"))
     caplog.clear()
-    OnnxRuntimeBackend.load(str(source), options)  # reused, not exported again
+    load_backend(spec)  # reused, not exported again
     assert "exporting" not in caplog.text
     assert backend.vocab_size == 96
 
@@ -129,10 +130,19 @@ def test_a_non_empty_output_folder_is_refused(exports, tmp_path):
         export_onnx(str(exports["llama"][0]), tmp_path / "busy")
 
 
-def test_a_missing_cuda_provider_names_the_package_to_install(exports):
+@pytest.mark.parametrize("provider", ["CUDAExecutionProvider", "TensorrtExecutionProvider"])
+def test_a_missing_gpu_provider_names_the_package_to_install(provider, exports):
     import onnxruntime
 
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("onnxruntime-gpu is installed here: the provider is not missing")
-    with pytest.raises(SpecdecError, match=r"onnxruntime has no CUDAExecutionProvider \(pip install 'specdec\[onnx-gpu\]'"):
+    if provider in onnxruntime.get_available_providers():
+        pytest.skip(f"onnxruntime-gpu is installed here: {provider} is not missing")
+    with pytest.raises(SpecdecError, match=rf"onnxruntime has no {provider} \(pip install 'specdec\[onnx-gpu\]'"):
+        create_session(exports["llama"][1], [provider, "CPUExecutionProvider"], intra_op_threads=0)
+
+
+def test_device_cuda_without_a_cuda_torch_is_one_line(exports, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SpecdecError, match=r"device 'cuda' needs a CUDA GPU.*use device: cpu"):
         OnnxRuntimeBackend.load(str(exports["llama"][1]), OnnxRuntimeOptions(device="cuda"))

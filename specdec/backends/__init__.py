@@ -7,6 +7,8 @@ from specdec.hookspecs import hookimpl
 def register_backends(register):
     from specdec.backends.onnxruntime import OnnxRuntimeBackend
     from specdec.backends.pytorch import PyTorchBackend
+    from specdec.backends.tensorrt import TensorRTBackend
 
     register(PyTorchBackend)
     register(OnnxRuntimeBackend)
+    register(TensorRTBackend)

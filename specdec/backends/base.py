@@ -32,6 +32,9 @@ class Backend(ABC):
     eos_token_ids: frozenset[int] = frozenset()
     forward_calls: int = 0  # incremented by every `forward`; the loop reports draft forwards from it
     forward_seconds: float = 0.0  # wall time spent in `forward`, device work included
+    # What `load` takes besides a model folder or hub id: "onnx" (a specdec ONNX export) or "tensorrt"
+    # (an export with an engine for this GPU); specdec.export.prepare makes it on first use.
+    artifact: ClassVar[str | None] = None
 
     @classmethod
     @abstractmethod

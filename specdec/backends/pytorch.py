@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.backends.base import Backend, BackendOptions
+from specdec.devices import Device, resolve_device
 from specdec.errors import SpecdecError
 from specdec.models import context_limit, load_error, resolve_source
 
@@ -21,7 +23,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 class PyTorchOptions(BackendOptions):
-    device: str = "cpu"
+    device: Device = "cpu"
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
     device_map: str | None = None  # e.g. "auto": spread a model larger than one device
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
@@ -45,9 +47,11 @@ class PyTorchBackend(Backend):
         self._cache = Cache(layers=[_BufferLayer() for _ in range(config.num_hidden_layers)])
         self._committed = 0
         self._pending = 0
+        self._clock = ForwardClock(self.device)
 
     @classmethod
     def load(cls, model: str, options: PyTorchOptions) -> PyTorchBackend:
+        device = resolve_device(options.device)  # before the weights: a missing GPU is one line, at once
         source = resolve_source(model, options.dtype)
         kwargs = dict(
             dtype="auto" if options.dtype == "auto" else DTYPES[options.dtype],
@@ -62,7 +66,7 @@ class PyTorchBackend(Backend):
         except Exception as exc:
             raise load_error(model, exc) from exc
         if not options.device_map:
-            hf_model = hf_model.to(options.device)
+            hf_model = hf_model.to(device)
         return cls(hf_model)
 
     @torch.inference_mode()
@@ -79,25 +83,31 @@ class PyTorchBackend(Backend):
 
     @torch.inference_mode()
     def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
-        start = time.perf_counter()
-        logits = self._run(input_ids, position_ids, mask, logits_to_keep=0)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # count the device work, not just the launch
+        with self._clock.timing():
+            logits = self._run(input_ids, position_ids, mask, logits_to_keep=0)
         self._pending += input_ids.shape[1]
         self.forward_calls += 1
-        self.forward_seconds += time.perf_counter() - start
         return logits
 
+    @property
+    def forward_seconds(self) -> float:
+        return self._clock.seconds
+
+    @forward_seconds.setter
+    def forward_seconds(self, value: float) -> None:
+        self._clock.set(value)
+
     def _run(self, input_ids, position_ids, mask, logits_to_keep: int) -> torch.Tensor:
+        """Inputs may be on the host: they are copied without waiting for the device (from pageable
+        memory the copy stages the data before returning, so the caller may reuse it)."""
         query_len = input_ids.shape[1]
         visible = self._committed + self._pending + query_len
+        blocked = ~mask.to(self.device, non_blocking=True)  # [1, Q, S + Q]
         additive = torch.zeros(1, 1, query_len, visible, dtype=self.dtype, device=self.device)
-        additive[..., self._committed :].masked_fill_(
-            ~mask.to(self.device)[:, None], torch.finfo(self.dtype).min
-        )
+        additive[..., self._committed :].masked_fill_(blocked[:, None], torch.finfo(self.dtype).min)
         out = self.model(
-            input_ids=input_ids.to(self.device),
-            position_ids=position_ids.to(self.device),
+            input_ids=input_ids.to(self.device, non_blocking=True),
+            position_ids=position_ids.to(self.device, non_blocking=True),
             attention_mask=additive,
             past_key_values=self._cache,
             use_cache=True,
@@ -108,7 +118,8 @@ class PyTorchBackend(Backend):
     @torch.inference_mode()
     def commit(self, keep: list[int]) -> None:
         if keep != list(range(len(keep))):  # a prefix of pending is already in place
-            index = torch.tensor(keep, dtype=torch.long, device=self.device) + self._committed
+            index = torch.tensor(keep, dtype=torch.long) + self._committed  # [n], built on the host
+            index = index.to(self.device, non_blocking=True)
             for layer in self._cache.layers:
                 layer.move(index, self._committed)
         self._committed += len(keep)
@@ -128,6 +139,43 @@ class PyTorchBackend(Backend):
         self._pending = 0
         for layer in self._cache.layers:
             layer.length = 0
+
+
+class ForwardClock:
+    """Seconds spent in forwards: wall time on a CPU; on CUDA the device time between two events
+    recorded around each forward, added up only when read, so that timing never waits for the GPU
+    (a read waits for the last timed forward to finish)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # forwards not added yet
+
+    @contextmanager
+    def timing(self):
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - start
+            return
+        stream = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        yield
+        end.record(stream)
+        self._events.append((start, end))
+
+    @property
+    def seconds(self) -> float:
+        for start, end in self._events:
+            end.synchronize()
+            self._seconds += start.elapsed_time(end) / 1e3  # milliseconds
+        self._events.clear()
+        return self._seconds
+
+    def set(self, seconds: float) -> None:
+        self._events.clear()
+        self._seconds = seconds
 
 
 class _BufferLayer(CacheLayerMixin):

@@ -152,7 +152,7 @@ def _hf_model(backend, model: str):
         return backend.model
     from transformers import AutoModelForCausalLM
 
-    from specdec.export.onnx import MANIFEST, read_manifest
+    from specdec.backends.onnx_contract import MANIFEST, read_manifest
     from specdec.models import load_error, resolve_source
 
     if (Path(model).expanduser() / MANIFEST).is_file():

@@ -1,0 +1,181 @@
+"""What every backend that runs a specdec ONNX export shares (DESIGN.md section 5): the export's
+manifest, the KV buffers and their bookkeeping, the tree-mask layout, chunked prefill, and the
+optimization profiles an engine compiler needs. A subclass adds only how one forward executes
+(`execute`): ONNX Runtime through I/O binding, TensorRT through tensor addresses.
+
+Contract (specdec/export/onnx_graph.py): inputs input_ids, position_ids [1, Q], attention_mask
+[1, 1, Q, C + Q] bool, past_key_values.{i}.key/value [1, H_kv, C, D]: a buffer of capacity C whose
+slots the mask hides are ignored; outputs logits [1, Q, V] and present.{i}.key/value [1, H_kv, Q, D]
+(the new entries only). The export layer uses backends, never the reverse: exports made on first use
+come from specdec.export.prepare.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specdec.backends.base import Backend
+from specdec.errors import SpecdecError
+
+MANIFEST = "specdec_export.json"
+FORMAT, FORMAT_VERSION = "specdec-onnx", 2
+CAPACITY_STEP = 256  # the buffers grow by this many slots (growing copies the cache)
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of an export folder, or one clear error saying what is wrong."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise SpecdecError(
+            f"{str(folder)!r} is not a specdec ONNX export (no {MANIFEST}); "
+            f"create one with: specdec export MODEL --format onnx --out {folder}"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecdecError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        made_by = manifest.get("versions", {}).get("specdec", "an unknown version")
+        raise SpecdecError(
+            f"{path}: export format {manifest.get('format')!r} version {manifest.get('format_version')} "
+            f"(made by specdec {made_by}); this specdec reads {FORMAT!r} version {FORMAT_VERSION}: export the model again"
+        )
+    return manifest
+
+
+def folder_eos(folder: Path) -> frozenset[int]:
+    """The end-of-sequence ids saved beside an export (generation config, else model config)."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return frozenset([eos] if isinstance(eos, int) else eos)
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The (min, opt, max) query length Q and buffer capacity C of one optimization profile."""
+
+    name: str
+    query: tuple[int, int, int]
+    capacity: tuple[int, int, int]
+
+    def shapes(self, manifest: dict) -> dict[str, list[tuple[int, ...]]]:
+        """Input name -> [min, opt, max] shapes. In each set the mask's last dim is C + Q."""
+        heads, dim = manifest["kv_heads"], manifest["head_dim"]
+        sets = list(zip(self.query, self.capacity))
+        names = manifest["inputs"]
+        shapes = {
+            names[0]: [(1, q) for q, _ in sets],
+            names[1]: [(1, q) for q, _ in sets],
+            names[2]: [(1, 1, q, c + q) for q, c in sets],
+        }
+        shapes.update({name: [(1, heads, c, dim) for _, c in sets] for name in names[3:]})
+        return shapes
+
+    def holds(self, query: int, capacity: int) -> bool:
+        return self.query[0] <= query <= self.query[2] and self.capacity[0] <= capacity <= self.capacity[2]
+
+
+def profiles(max_nodes: int, max_context: int, prefill_chunk: int) -> list[Profile]:
+    """verify (Q 1..max_nodes) and prefill (Q up to one prefill chunk), both over C 1..max_context.
+    C is never 0: an empty cache is passed as one masked sentinel slot."""
+    if not 1 <= max_nodes < max_context or not 1 <= prefill_chunk < max_context:
+        raise SpecdecError(f"max_nodes ({max_nodes}) and prefill_chunk ({prefill_chunk}) must be at least 1 and "
+                           f"below the context ({max_context})")
+    verify = Profile("verify", (1, min(16, max_nodes), max_nodes), (1, min(4 * CAPACITY_STEP, max_context), max_context))
+    prefill = Profile("prefill", (1, prefill_chunk, prefill_chunk), (1, min(prefill_chunk, max_context), max_context))
+    return [verify, prefill]
+
+
+class OnnxContractBackend(Backend):
+    """KV buffers [1, H_kv, capacity, D] per layer and key/value, grown in CAPACITY_STEP slots
+    (at most the context); the graph reads them in place and returns only the new entries, which
+    this class writes after the committed and pending ones."""
+
+    def __init__(self, manifest: dict, device: torch.device, eos_token_ids=frozenset(), prefill_chunk: int = 256):
+        self.manifest = manifest
+        self.vocab_size = manifest["vocab_size"]
+        self.max_length = manifest["context"]
+        self.device = device
+        self.dtype = TORCH_DTYPES[manifest["dtype"]]
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.prefill_chunk = prefill_chunk
+        self.forward_calls, self.forward_seconds = 0, 0.0
+        self.reset()
+
+    @abstractmethod
+    def execute(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        """Run the graph on `inputs` (in manifest["inputs"] order) into the preallocated `outputs`
+        (manifest["outputs"] order); every tensor is contiguous on self.device."""
+
+    def reset(self) -> None:
+        layers, heads, dim = self.manifest["layers"], self.manifest["kv_heads"], self.manifest["head_dim"]
+        # zeros: slots the mask hides must hold finite values
+        self.kv = [torch.zeros(1, heads, 0, dim, dtype=self.dtype, device=self.device) for _ in range(2 * layers)]
+        self._committed, self._pending = 0, 0
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self.kv[0].shape[2]
+        if needed <= capacity:
+            return
+        capacity = max(needed, min(-(-needed // CAPACITY_STEP) * CAPACITY_STEP, self.max_length))
+        used = self._committed + self._pending
+        for i, old in enumerate(self.kv):
+            new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+            new[:, :, :used] = old[:, :, :used]
+            self.kv[i] = new
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """In chunks of `prefill_chunk` tokens: the graph's attention materialises [Q, C + Q]
+        scores per head, and a bounded Q keeps that (and an engine's prefill profile) small."""
+        if self._pending:
+            raise RuntimeError("prefill with pending entries; commit or rollback first")
+        for start in range(0, input_ids.shape[1], self.prefill_chunk):
+            chunk = input_ids[:, start : start + self.prefill_chunk]
+            length = chunk.shape[1]
+            causal = torch.ones(length, length, dtype=torch.bool).tril_()[None]
+            logits = self.forward(chunk, torch.arange(self._committed, self._committed + length)[None], causal)
+            self.commit(list(range(length)))
+        return logits[:, -1]
+
+    def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
+        start = time.perf_counter()
+        query, used = input_ids.shape[1], self._committed + self._pending
+        self._reserve(used + query)
+        # An empty cache is passed as one sentinel slot that the mask hides (no dimension is 0).
+        past = self.kv if used else [t[:, :, :1] for t in self.kv]
+        capacity = past[0].shape[2]
+        mask = mask.to(self.device, non_blocking=True)
+        full = torch.zeros(1, 1, query, capacity + query, dtype=torch.bool, device=self.device)  # [1, 1, Q, C + Q]
+        full[0, 0, :, : self._committed] = True
+        full[0, 0, :, self._committed : used] = mask[0, :, : self._pending]
+        full[0, 0, :, capacity:] = mask[0, :, self._pending :]
+        ids = [t.to(self.device, torch.long, non_blocking=True) for t in (input_ids, position_ids)]
+        logits = torch.empty(1, query, self.vocab_size, dtype=self.dtype, device=self.device)  # [1, Q, V]
+        presents = [torch.empty(1, t.shape[1], query, t.shape[3], dtype=self.dtype, device=self.device) for t in self.kv]
+        self.execute(ids + [full] + [t.contiguous() for t in past], [logits] + presents)
+        for buffer, new in zip(self.kv, presents):
+            buffer[:, :, used : used + query] = new
+        self._pending += query
+        self.forward_calls += 1
+        self.forward_seconds += time.perf_counter() - start
+        return logits.float()
+
+    def commit(self, keep: list[int]) -> None:
+        if keep != list(range(len(keep))):  # a prefix of pending is already in place
+            index = torch.tensor(keep, dtype=torch.long).to(self.device, non_blocking=True) + self._committed
+            end = self._committed + len(keep)
+            for buffer in self.kv:
+                buffer[:, :, self._committed : end] = buffer.index_select(2, index)
+        self._committed += len(keep)
+        self._pending = 0
