@@ -7,7 +7,6 @@ import random
 from collections import Counter
 
 import pytest
-import torch
 
 import specdec.verify
 from enumeration import enumerate_outcomes
@@ -19,9 +18,8 @@ from specdec.plugins import get_strategy
 from specdec.sampling import Warp, warp_probs
 from specdec.strategies.lookup import NgramIndex
 from specdec.testing import TableBackend, random_table
-from specdec.tree import DraftTree, depths_from_parents, validate_tree
-from specdec.verify import verify_sampling
-from test_sampling_exact import ROOT, WARPS, first_tokens_distribution, logits_table, target_distribution
+from specdec.tree import validate_tree
+from test_sampling_exact import ROOT, WARPS, first_tokens_distribution, logits_table, target_distribution, verify_drafted
 from test_sampling_loop import DRAFT, LENGTH, SAMPLES, TARGET, VOCAB, exact_distribution, tv_bound
 from test_tree_strategies import decoder_for
 
@@ -171,16 +169,8 @@ def one_step(rng, vocab, shape, mode, warp, control=None):
                 fixed.append(is_fixed)
                 next_frontier.append(len(tokens) - 1)
         frontier = next_frontier
-    parents_t = torch.tensor(parents)
-    draft_probs = torch.zeros(len(tokens), vocab, dtype=torch.float64)
-    for node, q in proposals.items():
-        draft_probs[node] = q
-    tree = DraftTree(torch.tensor(tokens), parents_t, depths_from_parents(parents_t), mode, draft_probs,
-                     fixed=None if control == "unmarked" else fixed)
-    validate_tree(tree)
-    target_probs = torch.stack([warp_probs(target(p), warp) for p in prefixes])
-    verdict = verify_sampling(tree, target_probs, rng)
-    return tuple(tokens[n] for n in verdict.path[1:]) + (verdict.bonus_token,)
+    return verify_drafted(rng, tokens, parents, prefixes, proposals, vocab, mode, warp, target,
+                          fixed=None if control == "unmarked" else fixed)
 
 
 def max_error(vocab, shape, mode, warp, control=None) -> float:

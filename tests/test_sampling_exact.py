@@ -57,11 +57,17 @@ def one_step(rng, vocab, shape, mode, warp, *, unwarped_q=False, reverse_order=F
                 prefixes.append(prefixes[node] + (token,))
                 next_frontier.append(len(tokens) - 1)
         frontier = next_frontier
+    return verify_drafted(rng, tokens, parents, prefixes, proposals, vocab, mode, warp, target)
+
+
+def verify_drafted(rng, tokens, parents, prefixes, proposals, vocab, mode, warp, target, fixed=None) -> tuple:
+    """The drafted tree (node lists, proposals {node: q [V]}) verified against the `target` table ->
+    the emitted tokens (accepted + bonus)."""
     parents_t = torch.tensor(parents)
     draft_probs = torch.zeros(len(tokens), vocab, dtype=torch.float64)
     for node, q in proposals.items():
         draft_probs[node] = q
-    tree = DraftTree(torch.tensor(tokens), parents_t, depths_from_parents(parents_t), mode, draft_probs)
+    tree = DraftTree(torch.tensor(tokens), parents_t, depths_from_parents(parents_t), mode, draft_probs, fixed=fixed)
     validate_tree(tree)
     target_probs = torch.stack([warp_probs(target(p), warp) for p in prefixes])
     verdict = verify_sampling(tree, target_probs, rng)
