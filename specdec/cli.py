@@ -149,10 +149,16 @@ def export(model, fmt, out, dtype, opset, max_nodes, max_context, prefill_chunk,
     """Export MODEL (a local folder or hub id) to a graph with a dynamic tree-mask input."""
     from pathlib import Path
 
-    from specdec.export.onnx import check_export, export_onnx
+    from specdec.export.onnx import check_export, check_summary, export_onnx, worst_case
 
     if fmt == "tensorrt":
-        _export_tensorrt(model, out, dtype or "float16", opset, max_nodes, max_context, prefill_chunk, validate)
+        from specdec.export.tensorrt import export_tensorrt
+
+        if not model or not out:
+            raise click.UsageError("give MODEL and --out DIR")
+        engine = export_tensorrt(model, Path(out), dtype or "float16", opset, max_nodes, max_context, prefill_chunk,
+                                 validate, report=click.echo)
+        click.echo(f"exported {model} to {out} (engine {engine})", err=True)
         return
     if dtype == "bfloat16":
         raise click.UsageError("--dtype bfloat16 is for --format tensorrt (onnxruntime's CPU provider has no bfloat16 kernels)")
@@ -165,63 +171,10 @@ def export(model, fmt, out, dtype, opset, max_nodes, max_context, prefill_chunk,
             return
     folder = Path(check_dir or out)
     result = check_export(folder, model if check_dir else None)
-    _echo_check(result)
+    click.echo(check_summary(result))
     if not result["ok"]:
-        raise SpecdecError(f"the export does not match PyTorch within tolerance ({_worst(result)}); it is kept in {folder} "
+        raise SpecdecError(f"the export does not match PyTorch within tolerance ({worst_case(result)}); it is kept in {folder} "
                            "for inspection: delete it before using or exporting again")
-
-
-def _export_tensorrt(model, out, dtype, opset, max_nodes, max_context, prefill_chunk, validate):
-    """ONNX export and engine build into OUT.partial, validated there, then renamed: nothing is
-    left behind when any step fails."""
-    import shutil
-    from pathlib import Path
-
-    from specdec.backends.tensorrt import import_tensorrt
-    from specdec.devices import resolve_device
-    from specdec.export.onnx import export_onnx
-    from specdec.export.tensorrt import build_engine, validate_engine
-
-    if not model or not out:
-        raise click.UsageError("give MODEL and --out DIR")
-    import_tensorrt()
-    resolve_device("cuda")
-    folder = Path(out)
-    if folder.exists() and any(folder.iterdir()):
-        raise SpecdecError(f"output folder {str(folder)!r} is not empty; remove it or choose another --out")
-    work = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-        export_onnx(model, work, dtype, opset)
-        engine = build_engine(work, max_nodes, max_context, prefill_chunk)
-        if validate:
-            result = validate_engine(work, model, max_nodes, max_context, prefill_chunk)
-            _echo_check(result)
-            click.echo(f"greedy speculative decoding on the engine: {'identical' if result['greedy_identical'] else 'DIFFERS'}")
-            if not result["ok"]:
-                raise SpecdecError(f"the engine does not match PyTorch ({_worst(result)}); nothing was written")
-        shutil.rmtree(folder, ignore_errors=True)
-        work.rename(folder)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    click.echo(f"exported {model} to {folder} (engine {folder / engine.relative_to(work)})", err=True)
-
-
-def _echo_check(result: dict) -> None:
-    sizes = ", ".join(f"{c['query']}/{c['past']}" for c in result["cases"])
-    click.echo(
-        f"max |logit diff| {result['max_abs_diff']:.2e}, {result['relative_diff']:.1e} of the largest logit "
-        f"(tolerance {result['tolerance']:.0e}); max |prob diff| {result['max_prob_diff']:.1e} (tolerance "
-        f"{result['prob_tolerance']:.0e}); greedy choices agree: {'yes' if result['greedy_agree'] else 'NO'}; "
-        f"{len(result['cases'])} random trees (query/past {sizes})"
-    )
-
-
-def _worst(result: dict) -> str:
-    worst = result["worst"]
-    return (f"worst at query {worst['query']}, past {worst['past']}: logit diff {worst['relative_diff']:.1e} of the largest "
-            f"logit (tolerance {result['tolerance']:.0e}), prob diff {worst['max_prob_diff']:.1e} (tolerance "
-            f"{result['prob_tolerance']:.0e}), greedy choices {'agree' if worst['greedy_agree'] else 'differ'}")
 
 
 @cli.command()

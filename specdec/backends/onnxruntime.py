@@ -98,10 +98,10 @@ class OnnxRuntimeBackend(OnnxContractBackend):
         providers = options.providers or (
             ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
         )
+        entries = [(p, {}) if isinstance(p, str) else p for p in providers]  # (name, options)
         providers = [
-            (TENSORRT_EP, tensorrt_provider_options(manifest, options.max_nodes, options.prefill_chunk, {} if isinstance(p, str) else p[1]))
-            if (p if isinstance(p, str) else p[0]) == TENSORRT_EP else p
-            for p in providers
+            (name, tensorrt_provider_options(manifest, options.max_nodes, options.prefill_chunk, given) if name == TENSORRT_EP else given)
+            for name, given in entries
         ]
         settings = (providers, options.intra_op_threads, options.inter_op_threads, options.allow_spinning)
         backend = cls(create_session(folder, *settings), manifest, device, folder_eos(folder), options.prefill_chunk)

@@ -148,6 +148,25 @@ def check_export(folder: Path, model: str | None = None, cases=((1, 7, 3), (6, 1
             "worst": max(failing or rows, key=lambda r: r["relative_diff"] / max(tolerance, 1e-12) + r["max_prob_diff"] / max(prob_tolerance, 1e-12))}
 
 
+def check_summary(result: dict) -> str:
+    """One line on a check_export result: the differences, the tolerances and the sizes tried."""
+    sizes = ", ".join(f"{c['query']}/{c['past']}" for c in result["cases"])
+    return (
+        f"max |logit diff| {result['max_abs_diff']:.2e}, {result['relative_diff']:.1e} of the largest logit "
+        f"(tolerance {result['tolerance']:.0e}); max |prob diff| {result['max_prob_diff']:.1e} (tolerance "
+        f"{result['prob_tolerance']:.0e}); greedy choices agree: {'yes' if result['greedy_agree'] else 'NO'}; "
+        f"{len(result['cases'])} random trees (query/past {sizes})"
+    )
+
+
+def worst_case(result: dict) -> str:
+    """Where a check_export result is worst, and by how much."""
+    worst = result["worst"]
+    return (f"worst at query {worst['query']}, past {worst['past']}: logit diff {worst['relative_diff']:.1e} of the largest "
+            f"logit (tolerance {result['tolerance']:.0e}), prob diff {worst['max_prob_diff']:.1e} (tolerance "
+            f"{result['prob_tolerance']:.0e}), greedy choices {'agree' if worst['greedy_agree'] else 'differ'}")
+
+
 def graph_logits(backend, ids, positions, mask, kv) -> torch.Tensor:
     """The graph's logits [1, Q, V] (float32, on the CPU) for raw contract inputs, run by an
     ONNX-contract backend's `execute`."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +25,34 @@ from specdec.errors import SpecdecError
 
 logger = logging.getLogger(__name__)
 WORKSPACE = 8 << 30  # bytes of scratch the builder may use
+
+
+def export_tensorrt(model: str, out: Path, dtype: str, opset: int | None, max_nodes: int, max_context: int | None,
+                    prefill_chunk: int, validate: bool, report: Callable[[str], None] = print) -> Path:
+    """ONNX export and engine build into OUT.partial, validated there (lines go to `report`), then
+    renamed to `out`: nothing is left behind when any step fails. -> the engine's path in `out`."""
+    from specdec.export.onnx import check_summary, export_onnx, worst_case
+
+    import_tensorrt()
+    resolve_device("cuda")
+    if out.exists() and any(out.iterdir()):
+        raise SpecdecError(f"output folder {str(out)!r} is not empty; remove it or choose another --out")
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        export_onnx(model, work, dtype, opset)
+        engine = build_engine(work, max_nodes, max_context, prefill_chunk)
+        if validate:
+            result = validate_engine(work, model, max_nodes, max_context, prefill_chunk)
+            report(check_summary(result))
+            report(f"greedy speculative decoding on the engine: {'identical' if result['greedy_identical'] else 'DIFFERS'}")
+            if not result["ok"]:
+                raise SpecdecError(f"the engine does not match PyTorch ({worst_case(result)}); nothing was written")
+        shutil.rmtree(out, ignore_errors=True)
+        work.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out / engine.relative_to(work)
 
 
 def build_engine(folder: Path, max_nodes: int = 64, max_context: int | None = None, prefill_chunk: int = 256,
