@@ -9,6 +9,7 @@ beside the export under engines/, keyed by GPU, TensorRT version, ONNX hash and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -54,10 +55,17 @@ def engine_profiles(manifest: dict, max_nodes: int, max_context: int | None, pre
 
 
 def onnx_digest(folder: Path) -> str:
-    """sha256 of the graph and its external weights."""
+    """sha256 of the graph and its external weights (hashed once per process while the files stay
+    unchanged: a build, its validation and the backends it loads all ask)."""
+    files = sorted(Path(folder).glob("model.onnx*"))
+    return _digest(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(Path(folder).glob("model.onnx*")):
-        with path.open("rb") as f:
+    for name, _, _ in files:
+        with open(name, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
     return digest.hexdigest()
