@@ -13,7 +13,6 @@ come from specdec.export.prepare.
 from __future__ import annotations
 
 import json
-import time
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from specdec.backends.base import Backend
+from specdec.backends.clock import ForwardClock, TimedForwards
 from specdec.errors import SpecdecError
 
 MANIFEST = "specdec_export.json"
@@ -97,7 +97,7 @@ def profiles(max_nodes: int, max_context: int, prefill_chunk: int) -> list[Profi
     return [verify, prefill]
 
 
-class OnnxContractBackend(Backend):
+class OnnxContractBackend(TimedForwards, Backend):
     """KV buffers [1, H_kv, capacity, D] per layer and key/value, grown in CAPACITY_STEP slots
     (at most the context); the graph reads them in place and returns only the new entries, which
     this class writes after the committed and pending ones."""
@@ -110,7 +110,7 @@ class OnnxContractBackend(Backend):
         self.dtype = TORCH_DTYPES[manifest["dtype"]]
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefill_chunk = prefill_chunk
-        self.forward_calls, self.forward_seconds = 0, 0.0
+        self.forward_calls, self.clock = 0, ForwardClock(device)
         self.reset()
 
     @abstractmethod
@@ -149,7 +149,12 @@ class OnnxContractBackend(Backend):
         return logits[:, -1]
 
     def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
-        start = time.perf_counter()
+        with self.clock.timing():
+            logits = self._forward(input_ids, position_ids, mask)
+        self.forward_calls += 1
+        return logits
+
+    def _forward(self, input_ids, position_ids, mask) -> torch.Tensor:
         query, used = input_ids.shape[1], self._committed + self._pending
         self._reserve(used + query)
         # An empty cache is passed as one sentinel slot that the mask hides (no dimension is 0).
@@ -167,8 +172,6 @@ class OnnxContractBackend(Backend):
         for buffer, new in zip(self.kv, presents):
             buffer[:, :, used : used + query] = new
         self._pending += query
-        self.forward_calls += 1
-        self.forward_seconds += time.perf_counter() - start
         return logits.float()
 
     def commit(self, keep: list[int]) -> None:

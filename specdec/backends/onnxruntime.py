@@ -135,7 +135,10 @@ class OnnxRuntimeBackend(OnnxContractBackend):
             _bind(binding.bind_input, name, tensor)
         for name, tensor in zip(names[1], outputs):
             _bind(binding.bind_output, name, tensor)
-        self.session.run_with_iobinding(binding)  # the caller keeps every bound tensor alive until here
+        if self.device.type == "cuda":  # ONNX Runtime runs on its own stream: inputs made on torch's must be ready
+            torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)  # returns once the outputs are written; the caller keeps
+        # every bound tensor alive until here
 
 
 def _bind(bind, name: str, tensor: torch.Tensor) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -13,6 +11,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.backends.base import Backend, BackendOptions
+from specdec.backends.clock import ForwardClock, TimedForwards
 from specdec.devices import Device, resolve_device
 from specdec.errors import SpecdecError
 from specdec.models import context_limit, load_error, resolve_source
@@ -31,7 +30,7 @@ class PyTorchOptions(BackendOptions):
     trust_remote_code: bool = False
 
 
-class PyTorchBackend(Backend):
+class PyTorchBackend(TimedForwards, Backend):
     name = "pytorch"
     Options = PyTorchOptions
 
@@ -47,7 +46,7 @@ class PyTorchBackend(Backend):
         self._cache = Cache(layers=[_BufferLayer() for _ in range(config.num_hidden_layers)])
         self._committed = 0
         self._pending = 0
-        self._clock = ForwardClock(self.device)
+        self.clock = ForwardClock(self.device)
 
     @classmethod
     def load(cls, model: str, options: PyTorchOptions) -> PyTorchBackend:
@@ -83,19 +82,11 @@ class PyTorchBackend(Backend):
 
     @torch.inference_mode()
     def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
-        with self._clock.timing():
+        with self.clock.timing():
             logits = self._run(input_ids, position_ids, mask, logits_to_keep=0)
         self._pending += input_ids.shape[1]
         self.forward_calls += 1
         return logits
-
-    @property
-    def forward_seconds(self) -> float:
-        return self._clock.seconds
-
-    @forward_seconds.setter
-    def forward_seconds(self, value: float) -> None:
-        self._clock.set(value)
 
     def _run(self, input_ids, position_ids, mask, logits_to_keep: int) -> torch.Tensor:
         """Inputs may be on the host: they are copied without waiting for the device (from pageable
@@ -139,43 +130,6 @@ class PyTorchBackend(Backend):
         self._pending = 0
         for layer in self._cache.layers:
             layer.length = 0
-
-
-class ForwardClock:
-    """Seconds spent in forwards: wall time on a CPU; on CUDA the device time between two events
-    recorded around each forward, added up only when read, so that timing never waits for the GPU
-    (a read waits for the last timed forward to finish)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._seconds = 0.0
-        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # forwards not added yet
-
-    @contextmanager
-    def timing(self):
-        if self.device.type != "cuda":
-            start = time.perf_counter()
-            yield
-            self._seconds += time.perf_counter() - start
-            return
-        stream = torch.cuda.current_stream(self.device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        yield
-        end.record(stream)
-        self._events.append((start, end))
-
-    @property
-    def seconds(self) -> float:
-        for start, end in self._events:
-            end.synchronize()
-            self._seconds += start.elapsed_time(end) / 1e3  # milliseconds
-        self._events.clear()
-        return self._seconds
-
-    def set(self, seconds: float) -> None:
-        self._events.clear()
-        self._seconds = seconds
 
 
 class _BufferLayer(CacheLayerMixin):

@@ -61,6 +61,7 @@ class MappedVocabBackend(Backend):
         self.draft_to_target = torch.tensor(draft_to_target, dtype=torch.long)  # [V_draft]
         self.target_to_draft = torch.full((target_vocab_size,), len(draft_to_target), dtype=torch.long)  # [V]
         self.target_to_draft[self.draft_to_target] = torch.arange(len(draft_to_target))
+        self._columns = self.draft_to_target.to(inner.device)  # [V_draft], where the draft's logits land
 
     @classmethod
     def load(cls, model: str, options: BackendOptions) -> MappedVocabBackend:
@@ -74,7 +75,7 @@ class MappedVocabBackend(Backend):
     def to_target_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[..., V_draft + 1] draft logits -> [..., V] target logits, -inf outside the map."""
         out = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
-        out[..., self.draft_to_target] = logits[..., : len(self.draft_to_target)]
+        out[..., self._columns] = logits[..., : len(self.draft_to_target)]
         return out
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ class TreeDrafter:
     each `feed` call in order. `draft_kv[node]` records where each fed node's KV lives.
 
     Example (chain of 3 with a lag of one accepted leaf `a`):
-        start()      feeds [a, root]   -> pending 0, 1; returns the root's draft logits
+        start()      feeds [a, root]   -> pending 0, 1; returns the root's distribution
         feed([n1])   feeds [n1]        -> pending 2; n1 attends to a, root, n1
         feed([n2])   feeds [n2]        -> pending 3; the leaf n3 is never fed
     """
@@ -102,17 +102,25 @@ class TreeDrafter:
         self.proposals: dict[int, torch.Tensor] = {}  # node -> [V] draft_probs of its children
         self._lag = 0
 
+    def distributions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits [Q, V] on the draft's device -> [Q, V] on the host: the distributions
+        children are chosen from (softmax when greedy, the warped distribution otherwise), computed
+        on the device and read in one copy, so growing the tree never waits on the device again."""
+        probs = logits.float().softmax(dim=-1) if self.greedy else warp_probs(logits, self.ctx.warp)
+        return probs.cpu()
+
     def start(self) -> torch.Tensor:
-        """Feed the tokens the draft has not seen, ending with the root -> root logits [V]."""
+        """Feed the tokens the draft has not seen, ending with the root -> the root's
+        distribution [V] (see `distributions`)."""
         committed = self.draft.committed_len
         lag = self.ctx.tokens[committed:]
         ids = torch.tensor([lag], dtype=torch.long)
         positions = torch.arange(committed, committed + len(lag))[None]
         causal = torch.ones(len(lag), len(lag), dtype=torch.bool).tril_()[None]
-        logits = self.draft.forward(ids, positions, causal)[0]  # [L, V]
+        logits = self.draft.forward(ids, positions, causal)[0, -1:]  # [1, V]
         self._lag = len(lag) - 1
         self.draft_kv[0] = self._lag
-        return logits[-1]
+        return self.distributions(logits)[0]
 
     def add(self, parent: int, token: int, fixed: bool = False) -> int:
         self.fixed.append(fixed)
@@ -123,7 +131,8 @@ class TreeDrafter:
         return len(self.tokens) - 1
 
     def feed(self, nodes: list[int]) -> torch.Tensor:
-        """Run the draft over `nodes` (their ancestors fed earlier or in this call) -> [Q, V]."""
+        """Run the draft over `nodes` (their ancestors fed earlier or in this call) -> their
+        distributions [Q, V] (see `distributions`)."""
         existing = self.draft.pending_len
         for j, node in enumerate(nodes):
             self.draft_kv[node] = existing + j
@@ -138,13 +147,12 @@ class TreeDrafter:
         root_position = len(self.ctx.tokens) - 1
         ids = torch.tensor([[self.tokens[n] for n in nodes]], dtype=torch.long)
         positions = torch.tensor([[root_position + self.depths[n] for n in nodes]])
-        return self.draft.forward(ids, positions, mask[None])[0]
+        return self.distributions(self.draft.forward(ids, positions, mask[None])[0])
 
-    def proposal(self, node: int, logits: torch.Tensor, exclude: list[int] | None = None) -> torch.Tensor:
-        """Draft distribution [V] over `node`'s children: softmax when greedy; when sampling, the
-        warped distribution children are drawn from, recorded for verification. `exclude`: the
-        tokens of fixed children, given zero probability (all zeros if they held all of it)."""
-        probs = logits.float().softmax(dim=-1) if self.greedy else warp_probs(logits, self.ctx.warp)
+    def proposal(self, node: int, probs: torch.Tensor, exclude: list[int] | None = None) -> torch.Tensor:
+        """Draft distribution [V] over `node`'s children, from its row of `start` or `feed`; when
+        sampling it is recorded for verification. `exclude`: the tokens of fixed children, given
+        zero probability (all zeros if they held all of it)."""
         if exclude:
             probs = probs.clone()
             probs[exclude] = 0.0
@@ -154,10 +162,10 @@ class TreeDrafter:
             self.proposals[node] = probs
         return probs
 
-    def expand(self, node: int, logits: torch.Tensor, count: int) -> list[int]:
-        """Add up to `count` distinct children of `node` chosen from its draft logits [V]:
-        top-k when greedy, sampled without replacement otherwise."""
-        probs = self.proposal(node, logits)
+    def expand(self, node: int, probs: torch.Tensor, count: int) -> list[int]:
+        """Add up to `count` distinct children of `node` chosen from its distribution [V] (a row
+        of `start` or `feed`): top-k when greedy, sampled without replacement otherwise."""
+        probs = self.proposal(node, probs)
         if self.greedy:
             chosen = torch.topk(probs, min(count, probs.shape[-1])).indices.tolist()
         else:

@@ -49,12 +49,12 @@ class ChainStrategy(Strategy):
             return self._propose_auto(draft, ctx, self.auto_planner())
         drafter = TreeDrafter(draft, ctx)
         length = min(self.k, ctx.max_depth)
-        logits = drafter.start()
+        probs = drafter.start()  # [V], the root's draft distribution
         node = 0
         for depth in range(1, length + 1):
-            (node,) = drafter.expand(node, logits, 1)
+            (node,) = drafter.expand(node, probs, 1)
             if depth < length:  # the last draft token is verified, never fed
-                logits = drafter.feed([node])[0]
+                probs = drafter.feed([node])[0]
         return drafter.tree()
 
     def _propose_auto(self, draft: Backend, ctx: DraftContext, planner) -> DraftTree:
@@ -62,15 +62,15 @@ class ChainStrategy(Strategy):
             return chain_tree([ctx.tokens[-1]])
         drafter = TreeDrafter(draft, ctx)
         planner.begin(len(ctx.tokens), len(ctx.tokens) - draft.committed_len)
-        logits, node, estimate = drafter.start(), 0, 1.0
+        probs, node, estimate = drafter.start(), 0, 1.0
         self._raw = [1.0]
         for depth in range(1, min(self.options.max_k, ctx.max_depth) + 1):
             if depth > 1:  # the chain's last node must be fed before it can be extended
                 if not planner.pays(planner.prospect(estimate, depth - 1), feed_queries=1):
                     break
                 planner.draft_forward(1)
-                logits = drafter.feed([node])[0]
-            probs = drafter.proposal(node, logits)
+                probs = drafter.feed([node])[0]
+            probs = drafter.proposal(node, probs)
             best = float(probs.max())
             planner.opened(best)
             value = estimate * planner.conditional("draft", depth, best)  # decided before drawing

@@ -65,10 +65,10 @@ class _Growth:
         self._order = count()
         self._offer(0, self.heap)
 
-    def open(self, node: int, logits: torch.Tensor, heap: list | None = None) -> None:
-        """Make `node` expandable (its draft logits are known) and push its first candidate."""
+    def open(self, node: int, probs: torch.Tensor, heap: list | None = None) -> None:
+        """Make `node` expandable (its draft distribution [V] is known) and push its first candidate."""
         if self.drafter.depths[node] < self.max_depth:
-            self.remaining[node] = self.drafter.proposal(node, logits, exclude=list(self.lookup[node])).clone()
+            self.remaining[node] = self.drafter.proposal(node, probs, exclude=list(self.lookup[node])).clone()
             if self.planner is not None:
                 self.planner.opened(float(self.remaining[node].max()))
             self._push(node, self.heap if heap is None else heap)

@@ -98,8 +98,8 @@ class GSDStrategy(Strategy):
         frontier = [(0, drafter.start())]
         for depth in range(1, max_depth + 1):
             expandable = []
-            for node, logits in frontier:
-                probs = drafter.proposal(node, logits)
+            for node, row in frontier:
+                probs = drafter.proposal(node, row)
                 top = probs.topk(min(opts.max_out_degree, probs.shape[-1]))
                 best = float(top.values[0])
                 for prob, token in zip(top.values.tolist(), top.indices.tolist()):

@@ -82,11 +82,11 @@ class StaticTreeStrategy(Strategy):
     def propose(self, draft: Backend, ctx: DraftContext) -> DraftTree:
         drafter = TreeDrafter(draft, ctx)
         depth = min(self.depth, ctx.max_depth)
-        frontier = {(): (0, drafter.start())}  # template path -> (tree node, draft logits [V])
+        frontier = {(): (0, drafter.start())}  # template path -> (tree node, draft distribution [V])
         for level in range(1, depth + 1):
             grown: list[tuple[tuple[int, ...], int]] = []
-            for path, (node, logits) in frontier.items():
-                kids = drafter.expand(node, logits, self.children_count[path])
+            for path, (node, probs) in frontier.items():
+                kids = drafter.expand(node, probs, self.children_count[path])
                 grown += [(path + (rank,), kid) for rank, kid in enumerate(kids)]
             to_feed = [(path, kid) for path, kid in grown if path in self.children_count]
             if level == depth or not to_feed:
