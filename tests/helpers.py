@@ -10,11 +10,13 @@ from specdec.decoder import SpeculativeDecoder
 from specdec.plugins import get_strategy
 
 
-def make_decoder(target_model, draft_model, strategy: str = "chain", tokenizer=None, **options) -> SpeculativeDecoder:
+def make_decoder(target_model, draft_model, strategy: str = "chain", tokenizer=None, fixed_context: int | None = None,
+                 **options) -> SpeculativeDecoder:
+    """PyTorch backends over the models (at fixed shapes over `fixed_context` slots if given)."""
     component = get_strategy(strategy)
     return SpeculativeDecoder(
-        PyTorchBackend(target_model),
-        PyTorchBackend(draft_model) if draft_model is not None else None,
+        PyTorchBackend(target_model, fixed_context),
+        PyTorchBackend(draft_model, fixed_context) if draft_model is not None else None,
         component.cls(component.cls.Options(**options)),
         GenerationOptions(),
         tokenizer,

@@ -1,5 +1,6 @@
 """The backend contract: a tree forward equals per-path sequential forwards, at a non-zero
-committed offset, and commit/rollback keep exactly the chosen entries."""
+committed offset, and commit/rollback keep exactly the chosen entries; both with a growing KV buffer
+and at fixed shapes (FIXED: the CUDA-graph path of specdec.backends.graphs, run eagerly here)."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from specdec.tree import ancestor_mask, depths_from_parents
 from tiny_models import ARCHS, VOCAB
 
 PARENTS = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 3, 5])
+FIXED = [None, 96]  # fixed_context of the backend: a growing buffer, or fixed shapes over 96 slots
 
 
 def reference_logits(model, ids: list[int]) -> torch.Tensor:
@@ -24,10 +26,10 @@ def path_to(node: int) -> list[int]:
     return path[::-1]
 
 
-def tree_forward(model) -> tuple[torch.Tensor, list[list[int]]]:
+def tree_forward(model, fixed_context: int | None = None) -> tuple[torch.Tensor, list[list[int]]]:
     """A random prompt, then one forward of the PARENTS tree of random tokens -> its logits [N, V]
     and, per node, the token sequence (prompt + its path) a plain forward must agree with."""
-    backend = PyTorchBackend(model)
+    backend = PyTorchBackend(model, fixed_context)
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, VOCAB, (11,), generator=gen).tolist()
     tokens = torch.randint(0, VOCAB, (len(PARENTS),), generator=gen)
@@ -37,18 +39,20 @@ def tree_forward(model) -> tuple[torch.Tensor, list[list[int]]]:
     return logits, [prompt + tokens[path_to(node)].tolist() for node in range(len(PARENTS))]
 
 
+@pytest.mark.parametrize("fixed_context", FIXED)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_tree_forward_matches_sequential_paths(arch, models):
+def test_tree_forward_matches_sequential_paths(arch, fixed_context, models):
     model = models(arch, 0)
-    logits, paths = tree_forward(model)
+    logits, paths = tree_forward(model, fixed_context)
     for node, ids in enumerate(paths):
         torch.testing.assert_close(logits[node], reference_logits(model, ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fixed_context", FIXED)
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_commit_keeps_path_and_later_forwards_see_it(arch, models):
+def test_commit_keeps_path_and_later_forwards_see_it(arch, fixed_context, models):
     model = models(arch, 0)
-    backend = PyTorchBackend(model)
+    backend = PyTorchBackend(model, fixed_context)
     prompt = list(range(3, 20))
     tokens = torch.arange(40, 40 + len(PARENTS))
     backend.prefill(torch.tensor([prompt]))

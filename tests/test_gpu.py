@@ -1,7 +1,7 @@
 """The PyTorch backend on a CUDA GPU (every test marked `gpu`: skipped without one).
 
 - Greedy output of every built-in strategy is the target's own greedy decoding, on the demo pair in
-  float32, bfloat16 and float16.
+  float32, bfloat16 and float16, and with both models replayed as CUDA graphs (float32, bfloat16).
 - A tree forward equals per-path forwards; sampled output follows the target's distribution exactly
   (every outcome enumerated); a target step does not wait for the GPU before its verdict; forwards are
   timed with CUDA events.
@@ -45,6 +45,7 @@ DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 TIE = {"float32": 1e-3, "float16": 0.0625, "bfloat16": 0.5}
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\nclass Config:\n    def __init__(self"]
 NEW_TOKENS = 96
+GRAPH_CONTEXT = 256  # fixed_context of the CUDA-graph backends: a prompt, 96 new tokens and a tree
 GREEDY = {  # label -> (strategy, options): every built-in strategy, with fixed and auto budgets
     "ar": ("ar", {}),
     "chain": ("chain", {"k": 4}),
@@ -128,10 +129,23 @@ def test_greedy_output_is_the_targets_own_on_cuda(label, dtype):
         assert_same_greedy(got, want, margins, TIE[dtype])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("label", list(GREEDY))
+def test_greedy_output_is_the_targets_own_with_cuda_graphs(label, dtype):
+    name, options = GREEDY[label]
+    decoder = demo_decoder(dtype, name, fixed_context=GRAPH_CONTEXT, **options)
+    for index in range(len(PROMPTS)):
+        want, margins = reference(dtype, index)  # without graphs
+        got = decoder.generate(prompt_ids(index), max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
+        assert_same_greedy(got, want, margins, TIE[dtype])
+    assert decoder.target.fixed.replays > 0 and decoder.target.fixed.capture
+
+
+@pytest.mark.parametrize("fixed_context", [None, 96])
 @pytest.mark.parametrize("arch, dtype", [(arch, "float32") for arch in ARCHS] + [("llama", "bfloat16"), ("llama", "float16")])
-def test_tree_forward_matches_per_path_forwards_on_cuda(arch, dtype, models):
+def test_tree_forward_matches_per_path_forwards_on_cuda(arch, dtype, fixed_context, models):
     model = copy.deepcopy(models(arch, 0)).to(DEVICE, DTYPES[dtype])
-    logits, paths = tree_forward(model)  # [N, V]
+    logits, paths = tree_forward(model, fixed_context)  # [N, V]; with fixed_context: a CUDA graph's replay
     assert logits.device == model.device and logits.dtype == torch.float32 and logits.isfinite().all()
     tolerance = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}[dtype]  # a wrong mask: ~7
     for node, ids in enumerate(paths):
@@ -175,8 +189,11 @@ def test_sampled_output_follows_the_target_exactly_on_cuda(label, models, drafts
     assert max(abs(got.get(seq, 0.0) - want.get(seq, 0.0)) for seq in got.keys() | want.keys()) < 1e-4
 
 
-def test_a_target_step_waits_for_the_gpu_only_at_the_verdict():
-    target, _ = demo("float32")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_target_step_waits_for_the_gpu_only_at_the_verdict(graphs):
+    target = demo("float32")[0]
+    if graphs:
+        target = PyTorchBackend(target.model, GRAPH_CONTEXT)
     tokens = torch.arange(10, 10 + len(PARENTS))
 
     def step() -> torch.Tensor:  # host inputs, as the loop passes them
@@ -187,13 +204,15 @@ def test_a_target_step_waits_for_the_gpu_only_at_the_verdict():
 
     target.reset()
     target.prefill(torch.tensor([prompt_ids(0)]))
-    step()  # warm-up: first calls may set up kernels and the cache buffers
+    step()  # warm-up: first calls may set up kernels and the cache buffers, and capture the graph
     torch.cuda.set_sync_debug_mode("error")  # any operation that waits for the device raises
     try:
         logits = step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert logits.is_cuda and target.committed_len == len(prompt_ids(0)) + 2 * len(path_to(8))
+    if graphs:
+        assert target.fixed.replays == 2
 
 
 def test_forwards_are_timed_with_cuda_events():

@@ -6,12 +6,15 @@ import inspect
 import logging
 from typing import Literal
 
+from pydantic import Field
+
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.backends.base import Backend, BackendOptions
 from specdec.backends.clock import ForwardClock, TimedForwards
+from specdec.backends.graphs import FixedShapes
 from specdec.devices import Device, resolve_device
 from specdec.errors import SpecdecError
 from specdec.models import context_limit, load_error, resolve_source
@@ -28,13 +31,17 @@ class PyTorchOptions(BackendOptions):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     revision: str | None = None
     trust_remote_code: bool = False
+    cuda_graphs: bool = False  # replay forwards of up to 64 tokens as CUDA graphs (specdec.backends.graphs)
+    graph_context: int = Field(2048, ge=65)  # KV slots the graphs attend over; caps the context
 
 
 class PyTorchBackend(TimedForwards, Backend):
     name = "pytorch"
     Options = PyTorchOptions
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, fixed_context: int | None = None):
+        """fixed_context: run at fixed shapes over a KV buffer of this many slots (CUDA graphs
+        on a GPU, eagerly elsewhere; see specdec.backends.graphs), capping the context at it."""
         check_architecture(model)
         self.model = model.eval()
         config = model.config.get_text_config()
@@ -43,14 +50,20 @@ class PyTorchBackend(TimedForwards, Backend):
         self.device = model.device
         self.dtype = model.dtype
         self.eos_token_ids = eos_token_ids(model)
-        self._cache = Cache(layers=[_BufferLayer() for _ in range(config.num_hidden_layers)])
+        self._cache = Cache(layers=[_BufferLayer(fixed_context) for _ in range(config.num_hidden_layers)])
         self._committed = 0
         self._pending = 0
         self.clock = ForwardClock(self.device)
+        self.fixed = None
+        if fixed_context is not None:
+            self.max_length = min(self.max_length, fixed_context)
+            self.fixed = FixedShapes(self.model, self._cache, fixed_context, capture=self.device.type == "cuda")
 
     @classmethod
     def load(cls, model: str, options: PyTorchOptions) -> PyTorchBackend:
         device = resolve_device(options.device)  # before the weights: a missing GPU is one line, at once
+        if options.cuda_graphs and device.type != "cuda":
+            raise SpecdecError(f"cuda_graphs needs a CUDA device; this backend runs on {device} (set device: cuda)")
         source = resolve_source(model, options.dtype)
         kwargs = dict(
             dtype="auto" if options.dtype == "auto" else DTYPES[options.dtype],
@@ -66,7 +79,7 @@ class PyTorchBackend(TimedForwards, Backend):
             raise load_error(model, exc) from exc
         if not options.device_map:
             hf_model = hf_model.to(device)
-        return cls(hf_model)
+        return cls(hf_model, options.graph_context if options.cuda_graphs else None)
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -91,6 +104,8 @@ class PyTorchBackend(TimedForwards, Backend):
     def _run(self, input_ids, position_ids, mask, logits_to_keep: int) -> torch.Tensor:
         """Inputs may be on the host: they are copied without waiting for the device (from pageable
         memory the copy stages the data before returning, so the caller may reuse it)."""
+        if self.fixed is not None:
+            return self.fixed.run(input_ids, position_ids, mask, self._committed, self._committed + self._pending, logits_to_keep)
         query_len = input_ids.shape[1]
         visible = self._committed + self._pending + query_len
         blocked = ~mask.to(self.device, non_blocking=True)  # [1, Q, S + Q]
@@ -137,18 +152,25 @@ class _BufferLayer(CacheLayerMixin):
 
     Appending Q entries is an index write, not a `torch.cat` of the whole cache, so the cost of a
     step does not grow with the sequence length (apart from attention itself).
+
+    With a fixed `capacity` (specdec.backends.graphs) the buffer is allocated once, zeroed (the
+    mask hides unused slots, whose values must be finite), written at the device tensor `slots`
+    and returned whole, so a forward has the same shapes and addresses at every step.
     """
 
     is_sliding = False
 
-    def __init__(self):
+    def __init__(self, capacity: int | None = None):
         super().__init__()
         self.length = 0
+        self.capacity = capacity
+        self.slots: torch.Tensor | None = None  # [Q] buffer slots of the next update (fixed capacity)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self._keys = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
-        self._values = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[-1])
+        size = self.capacity or 0
+        self._keys = key_states.new_zeros(*key_states.shape[:2], size, key_states.shape[-1])
+        self._values = value_states.new_zeros(*value_states.shape[:2], size, value_states.shape[-1])
         self.is_initialized = True
 
     def _reserve(self, needed: int) -> None:
@@ -165,6 +187,10 @@ class _BufferLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.capacity is not None:
+            self._keys.index_copy_(2, self.slots, key_states)
+            self._values.index_copy_(2, self.slots, value_states)
+            return self._keys, self._values
         end = self.length + key_states.shape[-2]
         self._reserve(end)
         self._keys[..., self.length : end, :] = key_states

@@ -1,0 +1,117 @@
+"""The fixed-shape path of the pytorch backend (specdec.backends.graphs), run eagerly on a CPU: the
+same inputs, padding, slot writes and whole-buffer masks that CUDA graphs replay on a GPU
+(tests/test_gpu.py replays them there).
+
+- every strategy's greedy output is the target's own, with both models at fixed shapes;
+- query lengths are rounded up to buckets; padding entries leave no trace in later forwards;
+- a forward too close to the end of the buffer to pad runs at its own length;
+- `cuda_graphs` without a CUDA device is refused in one line, before any weights load;
+- the GPU bench configs that measure the graphs (docs/gpu.md) load, with graphs where named.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import hf_greedy, make_decoder
+from specdec.backends.graphs import BUCKETS
+from specdec.backends.pytorch import PyTorchBackend, PyTorchOptions
+from specdec.config import load_config
+from specdec.errors import SpecdecError
+from specdec.tree import ancestor_mask, depths_from_parents
+from test_backend_pytorch import PARENTS, path_to, reference_logits
+from test_cli import run_cli
+from test_strategies_greedy import NEW_TOKENS, PROMPT, STRATEGIES
+
+CONTEXT = 256  # slots: the prompt and 205 new tokens, with room to pad most trees
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from conftest import cached_model
+
+    return hf_greedy(cached_model("llama", 0), PROMPT, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("label", list(STRATEGIES))
+def test_greedy_output_is_the_targets_own_at_fixed_shapes(label, models, drafts, reference):
+    name, options = STRATEGIES[label]
+    decoder = make_decoder(models("llama", 0), drafts("llama", "perturbed"), name, fixed_context=CONTEXT, **options)
+    out = decoder.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+    assert out.token_ids == reference
+    used = set(decoder.target.fixed.shapes) | set(decoder.draft.fixed.shapes)
+    assert used <= set(BUCKETS) and len(used) >= 2, used
+
+
+def forward(backend, tokens: list[int], parents: torch.Tensor) -> torch.Tensor:
+    positions = backend.committed_len + depths_from_parents(parents)
+    return backend.forward(torch.tensor([tokens]), positions[None], ancestor_mask(parents)[None])[0]
+
+
+def test_padding_entries_leave_no_trace(models):
+    """A 3-node tree runs as 4 queries: the padding's KV lands after the tree's, then is hidden from
+    and overwritten by the next forwards."""
+    model = models("llama", 0)
+    backend = PyTorchBackend(model, fixed_context=64)
+    prompt = list(range(5, 17))
+    backend.prefill(torch.tensor([prompt]))
+    forward(backend, [30, 31, 32], torch.tensor([-1, 0, 0]))
+    assert list(backend.fixed.shapes) == [4]
+    backend.commit([0, 2])
+    history = prompt + [30, 32]
+    for token in (7, 8):
+        logits = forward(backend, [token], torch.tensor([-1]))
+        torch.testing.assert_close(logits[0], reference_logits(model, history + [token]), atol=1e-5, rtol=1e-5)
+        backend.commit([0])
+        history.append(token)
+    logits = forward(backend, [9, 10, 11, 12, 13], torch.tensor([-1, 0, 1, 2, 3]))  # a chain: bucket 8
+    torch.testing.assert_close(logits[-1], reference_logits(model, history + [9, 10, 11, 12, 13]), atol=1e-5, rtol=1e-5)
+    assert sorted(backend.fixed.shapes) == [1, 4, 8]
+
+
+def test_a_forward_without_room_to_pad_runs_at_its_own_length(models):
+    model = models("llama", 0)
+    backend = PyTorchBackend(model, fixed_context=72)
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, model.config.vocab_size, (60,), generator=gen).tolist()
+    tokens = torch.randint(0, model.config.vocab_size, (len(PARENTS),), generator=gen)
+    backend.prefill(torch.tensor([prompt]))
+    logits = forward(backend, tokens.tolist(), PARENTS)  # 60 + 16 slots do not fit in 72
+    assert backend.fixed.shapes == {}
+    for node in range(len(PARENTS)):
+        want = reference_logits(model, prompt + tokens[path_to(node)].tolist())
+        torch.testing.assert_close(logits[node], want, atol=1e-5, rtol=1e-5)
+    assert backend.max_length == 72
+
+
+def test_cuda_graphs_need_a_cuda_device(model_dirs, monkeypatch):
+    import specdec.backends.pytorch
+
+    monkeypatch.setattr(specdec.backends.pytorch, "AutoModelForCausalLM", None)  # no weights are read
+    with pytest.raises(SpecdecError, match=r"^cuda_graphs needs a CUDA device; this backend runs on cpu \(set device: cuda\)$"):
+        PyTorchBackend.load(str(model_dirs / "target"), PyTorchOptions(cuda_graphs=True))
+
+
+def test_cuda_graphs_on_a_cpu_is_one_line_from_the_cli(capsys, write_config):
+    code, out, err = run_cli(capsys, "run", str(write_config()), "--prompt-ids", "1,2", "-o", "target.cuda_graphs=true")
+    assert code != 0 and out == ""
+    assert err.strip().splitlines() == ["error: cuda_graphs needs a CUDA device; this backend runs on cpu (set device: cuda)"]
+
+
+def test_graph_context_must_leave_room_for_the_largest_bucket():
+    with pytest.raises(ValueError, match="greater than or equal to 65"):
+        PyTorchOptions(graph_context=64)
+
+
+GPU_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "gpu").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=[p.stem for p in GPU_CONFIGS])
+def test_gpu_bench_configs_run_on_cuda_with_graphs_where_named(path):
+    config = load_config(path)
+    specs = [spec for spec in (config.target, config.draft) if spec is not None]
+    assert len(specs) == (1 if config.strategy.name == "ar" else 2)
+    for spec in specs:
+        assert Path(spec.model).is_dir() and spec.options.device == "cuda"
+        assert spec.options.cuda_graphs == path.stem.endswith("_graphs")
