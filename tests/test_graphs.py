@@ -70,6 +70,22 @@ def test_padding_entries_leave_no_trace(models):
     assert sorted(backend.fixed.shapes) == [1, 4, 8]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_a_fixed_shape_forward_depends_only_on_its_tensors(arch, models):
+    """A replayed graph sees none of the Python state of the call it was captured from: only the
+    bucket's tensors and the KV buffer. The cache lengths transformers may read are such state, so
+    the output must not change when they are wrong."""
+    model = models(arch, 0)
+    backend = PyTorchBackend(model, fixed_context=64)
+    prompt = list(range(5, 17))
+    backend.prefill(torch.tensor([prompt]))
+    for layer in backend._cache.layers:
+        layer.length = 3
+    logits = forward(backend, [30, 31, 32], torch.tensor([-1, 0, 0]))
+    for node, path in enumerate([[30], [30, 31], [30, 32]]):
+        torch.testing.assert_close(logits[node], reference_logits(model, prompt + path), atol=1e-5, rtol=1e-5)
+
+
 def test_a_forward_without_room_to_pad_runs_at_its_own_length(models):
     model = models("llama", 0)
     backend = PyTorchBackend(model, fixed_context=72)

@@ -31,7 +31,7 @@ class Backend(ABC):
     device: torch.device
     eos_token_ids: frozenset[int] = frozenset()
     forward_calls: int = 0  # incremented by every `forward`; the loop reports draft forwards from it
-    forward_seconds: float = 0.0  # wall time spent in `forward`, device work included
+    forward_seconds: float = 0.0  # time spent in `forward`, device work included (specdec.backends.clock)
     # What `load` takes besides a model folder or hub id: "onnx" (a specdec ONNX export) or "tensorrt"
     # (an export with an engine for this GPU); specdec.export.prepare makes it on first use.
     artifact: ClassVar[str | None] = None
