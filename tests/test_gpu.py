@@ -25,6 +25,7 @@ import torch
 import specdec.decoder
 from enumeration import enumerate_outcomes
 from helpers import make_decoder
+from specdec.backends.graphs import BUCKETS
 from specdec.backends.pytorch import DTYPES, PyTorchBackend, PyTorchOptions
 from specdec.decode import speculative_decode
 from specdec.models import load_tokenizer
@@ -45,7 +46,7 @@ DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 TIE = {"float32": 1e-3, "float16": 0.0625, "bfloat16": 0.5}
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\nclass Config:\n    def __init__(self"]
 NEW_TOKENS = 96
-GRAPH_CONTEXT = 256  # fixed_context of the CUDA-graph backends: a prompt, 96 new tokens and a tree
+GRAPH_CONTEXT = 256  # fixed_context of the CUDA-graph backends: a prompt, 96 new tokens and 64 slots of headroom
 GREEDY = {  # label -> (strategy, options): every built-in strategy, with fixed and auto budgets
     "ar": ("ar", {}),
     "chain": ("chain", {"k": 4}),
@@ -211,7 +212,8 @@ def test_a_target_step_waits_for_the_gpu_only_at_the_verdict(graphs):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert logits.is_cuda and target.committed_len == len(prompt_ids(0)) + 2 * len(path_to(8))
-    if graphs:
+    if graphs:  # every bucket was captured after the prompt; both steps were replays
+        assert sorted(target.fixed.shapes) == list(BUCKETS) and all(s.graph for s in target.fixed.shapes.values())
         assert target.fixed.replays == 2
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import hf_greedy, make_decoder
-from specdec.backends.graphs import BUCKETS
+from specdec.backends.graphs import BUCKETS, HEADROOM
 from specdec.backends.pytorch import PyTorchBackend, PyTorchOptions
 from specdec.config import load_config
 from specdec.errors import SpecdecError
@@ -24,7 +24,7 @@ from test_backend_pytorch import PARENTS, path_to, reference_logits
 from test_cli import run_cli
 from test_strategies_greedy import NEW_TOKENS, PROMPT, STRATEGIES
 
-CONTEXT = 256  # slots: the prompt and 205 new tokens, with room to pad most trees
+CONTEXT = 288  # slots: the prompt, 205 new tokens and the 64 slots of headroom, with room to pad most trees
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,20 @@ def test_a_forward_without_room_to_pad_runs_at_its_own_length(models):
     for node in range(len(PARENTS)):
         want = reference_logits(model, prompt + tokens[path_to(node)].tolist())
         torch.testing.assert_close(logits[node], want, atol=1e-5, rtol=1e-5)
-    assert backend.max_length == 72
+    assert backend.max_length == 72 - HEADROOM  # the loop keeps a step's forwards inside the buffer
+    with pytest.raises(SpecdecError, match="a forward of 4 tokens after 69 cached entries overflows the 72-slot KV buffer"):
+        forward(backend, [1, 2, 3, 4], torch.tensor([-1, 0, 1, 2]))  # a direct caller past the context
+
+
+@pytest.mark.parametrize("name, options", [("static_tree", {"branching": [3, 2, 1]}), ("dyspec", {"max_nodes": 24})])
+def test_wide_trees_at_the_end_of_the_context_fit_in_the_buffer(name, options, models, drafts):
+    """The context stops HEADROOM slots short of the buffer: the last steps' trees and the draft's
+    pending entries still fit (they would overflow a buffer the context filled)."""
+    prompt = [t % 90 + 3 for t in range(40)]
+    decoder = make_decoder(models("llama", 0), drafts("llama", "perturbed"), name, fixed_context=128, **options)
+    new_tokens = decoder.target.max_length - len(prompt)  # up to the last position of the context
+    out = decoder.generate(prompt, max_new_tokens=new_tokens)
+    assert out.token_ids == hf_greedy(models("llama", 0), prompt, new_tokens)
 
 
 def test_cuda_graphs_need_a_cuda_device(model_dirs, monkeypatch):
@@ -115,9 +128,9 @@ def test_cuda_graphs_on_a_cpu_is_one_line_from_the_cli(capsys, write_config):
     assert err.strip().splitlines() == ["error: cuda_graphs needs a CUDA device; this backend runs on cpu (set device: cuda)"]
 
 
-def test_graph_context_must_leave_room_for_the_largest_bucket():
-    with pytest.raises(ValueError, match="greater than or equal to 65"):
-        PyTorchOptions(graph_context=64)
+def test_graph_context_must_leave_room_past_the_largest_bucket():
+    with pytest.raises(ValueError, match="greater than or equal to 128"):
+        PyTorchOptions(graph_context=100)
 
 
 GPU_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "gpu").glob("*.yaml"))

@@ -12,15 +12,20 @@ was captured with. So on this path:
 - inputs are copied into the bucket's own tensors, and the cache writes at a slot tensor
   (`_BufferLayer.slots`) instead of at Python offsets.
 
-Longer forwards (a prompt) run eagerly over the same buffer. Without capture (a CPU), every forward
-runs eagerly: that is how the tests check this path's output where there is no GPU.
+Every bucket is captured after the first prompt is in the cache (so capture time is never counted
+as forward time). Longer forwards (a prompt, a tree of more than 64 nodes) run eagerly over the same
+buffer. Without capture (a CPU), every forward runs eagerly: that is how the tests check this path's
+output where there is no GPU.
 """
 
 from __future__ import annotations
 
 import torch
 
+from specdec.errors import SpecdecError
+
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+HEADROOM = BUCKETS[-1]  # slots kept free past the context: a step's forwards of up to 64 tokens always fit
 
 
 class _Shape:
@@ -37,7 +42,7 @@ class _Shape:
 
 class FixedShapes:
     """Runs the model's forwards at bucketed shapes over a cache of `capacity` slots per layer,
-    capturing each bucket as a CUDA graph on its first use when `capture`."""
+    replaying each bucket as a CUDA graph when `capture` (see `capture_all`)."""
 
     def __init__(self, model, cache, capacity: int, capture: bool):
         self.model, self.cache, self.capacity, self.capture = model, cache, capacity, capture
@@ -50,6 +55,11 @@ class FixedShapes:
         """input_ids, position_ids [1, Q] (host or device); mask [1, Q, S + Q] bool over the pending
         and new entries; `used` = committed + S entries in the cache -> logits [1, Q or 1, V] float32."""
         query = input_ids.shape[1]
+        if used + query > self.capacity:
+            raise SpecdecError(
+                f"a forward of {query} tokens after {used} cached entries overflows the {self.capacity}-slot KV buffer "
+                f"of cuda_graphs; raise graph_context or draft smaller trees"
+            )
         bucket = next((b for b in BUCKETS if query <= b and used + b <= self.capacity), None)
         if bucket is None or logits_to_keep:  # a prompt, or too close to the end to pad: eagerly
             shape = _Shape(query, self.capacity, self.device, self.dtype)
@@ -59,13 +69,22 @@ class FixedShapes:
         if shape is None:
             shape = self.shapes[bucket] = _Shape(bucket, self.capacity, self.device, self.dtype)
         self._load(shape, input_ids, position_ids, mask, committed, used)
-        if not self.capture:
-            return self._call(shape)[:, :query].float()
         if shape.graph is None:
-            self._capture(shape)
+            return self._call(shape)[:, :query].float()
         shape.graph.replay()
         self.replays += 1
         return shape.logits[:, :query].to(torch.float32, copy=True)  # the next replay overwrites shape.logits
+
+    def capture_all(self, used: int) -> None:
+        """Capture every bucket (once, when `capture`), with `used` entries in the cache. Each
+        capture's warm-up really runs, on placeholder inputs whose KV lands in free slots past `used`."""
+        if not self.capture or self.shapes or used + HEADROOM > self.capacity:
+            return
+        for bucket in BUCKETS:
+            shape = self.shapes[bucket] = _Shape(bucket, self.capacity, self.device, self.dtype)
+            placeholder = torch.zeros(1, bucket, dtype=torch.long)
+            self._load(shape, placeholder, placeholder, torch.eye(bucket, dtype=torch.bool)[None], used, used)
+            self._capture(shape)
 
     def _load(self, shape: _Shape, input_ids, position_ids, mask, committed: int, used: int) -> None:
         """Copy one forward's inputs into `shape`'s tensors, on the device, without waiting for it."""
@@ -94,14 +113,15 @@ class FixedShapes:
         return out.logits  # [1, Qb or 1, V]
 
     def _capture(self, shape: _Shape) -> None:
-        """Warm up on a side stream (lazy initialisations must not be captured), then capture. The
-        warm-up computes this forward for real; the replay that follows recomputes it."""
+        """Warm up on a side stream of this device (lazy initialisations must not be captured), then
+        capture on it; `shape.graph` is set only once the capture succeeded."""
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             self._call(shape)
         current.wait_stream(side)
-        shape.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(self.device), torch.cuda.graph(shape.graph):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(self.device), torch.cuda.graph(graph, stream=side):
             shape.logits = self._call(shape)
+        shape.graph = graph

@@ -14,7 +14,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.backends.base import Backend, BackendOptions
 from specdec.backends.clock import ForwardClock, TimedForwards
-from specdec.backends.graphs import FixedShapes
+from specdec.backends.graphs import HEADROOM, FixedShapes
 from specdec.devices import Device, resolve_device
 from specdec.errors import SpecdecError
 from specdec.models import context_limit, load_error, resolve_source
@@ -32,7 +32,7 @@ class PyTorchOptions(BackendOptions):
     revision: str | None = None
     trust_remote_code: bool = False
     cuda_graphs: bool = False  # replay forwards of up to 64 tokens as CUDA graphs (specdec.backends.graphs)
-    graph_context: int = Field(2048, ge=65)  # KV slots the graphs attend over; caps the context
+    graph_context: int = Field(2048, ge=128)  # KV slots the graphs attend over; the context is capped 64 below
 
 
 class PyTorchBackend(TimedForwards, Backend):
@@ -41,7 +41,8 @@ class PyTorchBackend(TimedForwards, Backend):
 
     def __init__(self, model: PreTrainedModel, fixed_context: int | None = None):
         """fixed_context: run at fixed shapes over a KV buffer of this many slots (CUDA graphs
-        on a GPU, eagerly elsewhere; see specdec.backends.graphs), capping the context at it."""
+        on a GPU, eagerly elsewhere; see specdec.backends.graphs); the context is capped HEADROOM
+        slots below it."""
         check_architecture(model)
         self.model = model.eval()
         config = model.config.get_text_config()
@@ -56,7 +57,7 @@ class PyTorchBackend(TimedForwards, Backend):
         self.clock = ForwardClock(self.device)
         self.fixed = None
         if fixed_context is not None:
-            self.max_length = min(self.max_length, fixed_context)
+            self.max_length = min(self.max_length, fixed_context - HEADROOM)
             self.fixed = FixedShapes(self.model, self._cache, fixed_context, capture=self.device.type == "cuda")
 
     @classmethod
@@ -91,6 +92,8 @@ class PyTorchBackend(TimedForwards, Backend):
         logits = self._run(input_ids, positions[None], causal[None], logits_to_keep=1)
         self._committed += length
         self._pending = 0
+        if self.fixed is not None:
+            self.fixed.capture_all(self._committed)
         return logits[:, -1]
 
     @torch.inference_mode()
