@@ -2,7 +2,8 @@
 same inputs, padding, slot writes and whole-buffer masks that CUDA graphs replay on a GPU
 (tests/test_gpu.py replays them there).
 
-- every strategy's greedy output is the target's own, with both models at fixed shapes;
+- every strategy's greedy output is the target's own, with both models at fixed shapes, and sampled
+  output has exactly the target's distribution (every outcome enumerated);
 - query lengths are rounded up to buckets; padding entries leave no trace in later forwards;
 - a forward too close to the end of the buffer to pad runs at its own length;
 - `cuda_graphs` without a CUDA device is refused in one line, before any weights load;
@@ -22,6 +23,7 @@ from specdec.errors import SpecdecError
 from specdec.tree import ancestor_mask, depths_from_parents
 from test_backend_pytorch import PARENTS, path_to, reference_logits
 from test_cli import run_cli
+from test_gpu import SAMPLED, assert_sampled_exactly
 from test_strategies_greedy import NEW_TOKENS, PROMPT, STRATEGIES
 
 CONTEXT = 288  # slots: the prompt, 205 new tokens and the 64 slots of headroom, with room to pad most trees
@@ -42,6 +44,11 @@ def test_greedy_output_is_the_targets_own_at_fixed_shapes(label, models, drafts,
     assert out.token_ids == reference
     used = set(decoder.target.fixed.shapes) | set(decoder.draft.fixed.shapes)
     assert used <= set(BUCKETS) and len(used) >= 2, used
+
+
+@pytest.mark.parametrize("label", list(SAMPLED))
+def test_sampled_output_follows_the_target_exactly_at_fixed_shapes(label, models, drafts):
+    assert_sampled_exactly(models("llama", 0), drafts("llama", "random"), label, fixed_context=128)
 
 
 def forward(backend, tokens: list[int], parents: torch.Tensor) -> torch.Tensor:
