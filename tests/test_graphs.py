@@ -6,17 +6,20 @@ same inputs, padding, slot writes and whole-buffer masks that CUDA graphs replay
   output has exactly the target's distribution (every outcome enumerated);
 - query lengths are rounded up to buckets; padding entries leave no trace in later forwards;
 - a forward too close to the end of the buffer to pad runs at its own length;
+- with CUDA's graph API faked, every bucket is captured after the prompt and every step forward
+  is a replay; a failed capture is one line;
 - `cuda_graphs` without a CUDA device is refused in one line, before any weights load;
 - the GPU bench configs that measure the graphs (docs/gpu.md) load, with graphs where named.
 """
 
+import contextlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import hf_greedy, make_decoder
-from specdec.backends.graphs import BUCKETS, HEADROOM
+from specdec.backends.graphs import BUCKETS, HEADROOM, FixedShapes
 from specdec.backends.pytorch import PyTorchBackend, PyTorchOptions
 from specdec.config import load_config
 from specdec.errors import SpecdecError
@@ -49,6 +52,67 @@ def test_greedy_output_is_the_targets_own_at_fixed_shapes(label, models, drafts,
 @pytest.mark.parametrize("label", list(SAMPLED))
 def test_sampled_output_follows_the_target_exactly_at_fixed_shapes(label, models, drafts):
     assert_sampled_exactly(models("llama", 0), drafts("llama", "random"), label, fixed_context=128)
+
+
+class FakeCuda:
+    """CUDA's graph API on a CPU, for the capture and replay orchestration: a capture records which
+    bucket's forward it saw (its body still runs, like the warm-up); a replay re-runs that forward
+    and writes its logits into the captured output tensor, as a real replay writes the same address."""
+
+    def __init__(self, monkeypatch, fail: str | None = None):
+        self.capturing, self.fail = None, fail
+        call = FixedShapes._call
+
+        def recording_call(fixed, shape, logits_to_keep=0):
+            if self.capturing is not None:
+                self.capturing.forward = (fixed, shape)
+            return call(fixed, shape, logits_to_keep)
+
+        class Graph:
+            forward = None
+
+            def replay(graph):
+                fixed, shape = graph.forward
+                shape.logits.copy_(call(fixed, shape))
+
+        @contextlib.contextmanager
+        def capture(graph, stream=None):
+            if self.fail:
+                raise RuntimeError(self.fail)
+            self.capturing = graph
+            yield
+            self.capturing = None
+
+        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+        monkeypatch.setattr(FixedShapes, "_call", recording_call)
+        for name, value in {"CUDAGraph": Graph, "graph": capture, "Stream": lambda device: stream(),
+                            "current_stream": lambda device: stream(), "stream": lambda s: contextlib.nullcontext(),
+                            "device": lambda d: contextlib.nullcontext()}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+@pytest.mark.parametrize("label", ["chain", "dyspec", "gsd"])
+def test_every_step_forward_is_a_replay_once_the_prompt_is_in(label, models, drafts, reference, monkeypatch):
+    FakeCuda(monkeypatch)
+    name, options = STRATEGIES[label]
+    decoder = make_decoder(models("llama", 0), drafts("llama", "perturbed"), name, fixed_context=CONTEXT, **options)
+    for backend in (decoder.target, decoder.draft):
+        backend.fixed.capture = True  # what a CUDA device sets
+    out = decoder.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+    assert out.token_ids == reference
+    for backend in (decoder.target, decoder.draft):
+        assert sorted(backend.fixed.shapes) == list(BUCKETS) and all(s.graph for s in backend.fixed.shapes.values())
+        assert backend.fixed.replays == backend.forward_calls > 0  # no step forward ran eagerly
+
+
+def test_a_forward_that_cannot_be_captured_is_one_line(models, monkeypatch):
+    FakeCuda(monkeypatch, fail="operation not permitted when stream is capturing\nmore detail")
+    backend = PyTorchBackend(models("llama", 0), fixed_context=128)
+    backend.fixed.capture = True
+    with pytest.raises(SpecdecError, match=r"^LlamaForCausalLM's forward could not be captured as a CUDA graph "
+                       r"\(operation not permitted when stream is capturing\); run it without cuda_graphs$"):
+        backend.prefill(torch.tensor([[3, 4, 5]]))
+    assert all(shape.graph is None for shape in backend.fixed.shapes.values())
 
 
 def forward(backend, tokens: list[int], parents: torch.Tensor) -> torch.Tensor:

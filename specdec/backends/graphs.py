@@ -84,7 +84,14 @@ class FixedShapes:
             shape = self.shapes[bucket] = _Shape(bucket, self.capacity, self.device, self.dtype)
             placeholder = torch.zeros(1, bucket, dtype=torch.long)
             self._load(shape, placeholder, placeholder, torch.eye(bucket, dtype=torch.bool)[None], used, used)
-            self._capture(shape)
+            try:
+                self._capture(shape)
+            except RuntimeError as exc:  # e.g. an operation in the model's forward that waits for the host
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise SpecdecError(
+                    f"{type(self.model).__name__}'s forward could not be captured as a CUDA graph ({reason}); "
+                    "run it without cuda_graphs"
+                ) from exc
 
     def _load(self, shape: _Shape, input_ids, position_ids, mask, committed: int, used: int) -> None:
         """Copy one forward's inputs into `shape`'s tensors, on the device, without waiting for it."""
