@@ -6,9 +6,8 @@ import inspect
 import logging
 from typing import Literal
 
-from pydantic import Field
-
 import torch
+from pydantic import Field
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
