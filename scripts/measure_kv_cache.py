@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from specdec.backends.pytorch import PyTorchBackend, _BufferLayer
+from specdec.hf_compat import cache_argument
 
 Q, KEEP = 5, 3
 
@@ -46,7 +47,8 @@ def time_backend(model, length: int, steps: int) -> float:
 @torch.inference_mode()
 def time_dynamic_cache(model, length: int, steps: int) -> float:
     cache = DynamicCache(config=model.config)
-    model(torch.randint(0, 512, (1, length)), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache_kwarg = {cache_argument(model): cache}
+    model(torch.randint(0, 512, (1, length)), use_cache=True, logits_to_keep=1, **cache_kwarg)
     ids = torch.randint(0, 512, (1, Q))
     keep = torch.tensor([0, 2, 4])
     start = time.perf_counter()
@@ -55,7 +57,7 @@ def time_dynamic_cache(model, length: int, steps: int) -> float:
         mask = torch.zeros(1, 1, Q, committed + Q)
         mask[..., committed:] = torch.full((Q, Q), torch.finfo(torch.float32).min).triu(1)
         model(ids, position_ids=torch.arange(committed, committed + Q)[None], attention_mask=mask,
-              past_key_values=cache, use_cache=True)
+              use_cache=True, **cache_kwarg)
         for layer in cache.layers:  # compact: gather the kept entries, concatenate (O(length))
             layer.keys = torch.cat([layer.keys[..., :committed, :], layer.keys[..., committed + keep, :]], dim=-2)
             layer.values = torch.cat([layer.values[..., :committed, :], layer.values[..., committed + keep, :]], dim=-2)

@@ -44,8 +44,9 @@ class FixedShapes:
     """Runs the model's forwards at bucketed shapes over a cache of `capacity` slots per layer,
     replaying each bucket as a CUDA graph when `capture` (see `capture_all`)."""
 
-    def __init__(self, model, cache, capacity: int, capture: bool):
+    def __init__(self, model, cache, cache_argument: str, capacity: int, capture: bool):
         self.model, self.cache, self.capacity, self.capture = model, cache, capacity, capture
+        self.cache_argument = cache_argument  # the forward's name for the cache (specdec.hf_compat)
         self.device, self.dtype = model.device, model.dtype
         self.arange = torch.arange(capacity, device=self.device)  # [C]
         self.shapes: dict[int, _Shape] = {}
@@ -113,8 +114,8 @@ class FixedShapes:
             input_ids=shape.ids,
             position_ids=shape.positions,
             attention_mask=shape.mask,
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.cache_argument: self.cache},
             logits_to_keep=logits_to_keep,
         )
         return out.logits  # [1, Qb or 1, V]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Literal
 
@@ -16,6 +15,7 @@ from specdec.backends.clock import ForwardClock, TimedForwards
 from specdec.backends.graphs import HEADROOM, FixedShapes
 from specdec.devices import Device, resolve_device
 from specdec.errors import SpecdecError
+from specdec.hf_compat import check_architecture
 from specdec.models import context_limit, load_error, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class PyTorchBackend(TimedForwards, Backend):
         """fixed_context: run at fixed shapes over a KV buffer of this many slots (CUDA graphs
         on a GPU, eagerly elsewhere; see specdec.backends.graphs); the context is capped HEADROOM
         slots below it."""
-        check_architecture(model)
+        self.cache_argument = check_architecture(model)  # the forward's name for the cache
         self.model = model.eval()
         config = model.config.get_text_config()
         self.vocab_size = config.vocab_size
@@ -57,7 +57,8 @@ class PyTorchBackend(TimedForwards, Backend):
         self.fixed = None
         if fixed_context is not None:
             self.max_length = min(self.max_length, fixed_context - HEADROOM)
-            self.fixed = FixedShapes(self.model, self._cache, fixed_context, capture=self.device.type == "cuda")
+            self.fixed = FixedShapes(self.model, self._cache, self.cache_argument, fixed_context,
+                                     capture=self.device.type == "cuda")
 
     @classmethod
     def load(cls, model: str, options: PyTorchOptions) -> PyTorchBackend:
@@ -117,8 +118,8 @@ class PyTorchBackend(TimedForwards, Backend):
             input_ids=input_ids.to(self.device, non_blocking=True),
             position_ids=position_ids.to(self.device, non_blocking=True),
             attention_mask=additive,
-            past_key_values=self._cache,
             use_cache=True,
+            **{self.cache_argument: self._cache},
             logits_to_keep=logits_to_keep,
         )
         return out.logits.float()  # [1, Q or 1, V]
@@ -231,12 +232,3 @@ def eos_token_ids(model: PreTrainedModel) -> frozenset[int]:
         return frozenset()
     return frozenset([eos] if isinstance(eos, int) else eos)
 
-
-def check_architecture(model: PreTrainedModel) -> None:
-    """Tree masks need a forward that takes explicit position ids and a Cache object."""
-    params = inspect.signature(model.forward).parameters
-    if not {"position_ids", "past_key_values", "attention_mask"} <= params.keys():
-        raise SpecdecError(
-            f"{type(model).__name__} cannot take a tree attention mask (its forward has no "
-            "position_ids / past_key_values); use a Llama, Qwen2, Mistral or GPT-2 style model"
-        )

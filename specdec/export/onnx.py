@@ -28,7 +28,7 @@ PROB_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
 
 def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None = None) -> Path:
     """Export `model` (a local folder or hub id) into `out`, written whole or not at all."""
-    from specdec.backends.pytorch import check_architecture
+    from specdec.hf_compat import check_architecture
 
     try:
         import onnx  # noqa: F401  (the exporter needs onnx and onnxscript)
@@ -202,6 +202,8 @@ def _reference(hf, ids, positions, mask, kv, unused: int) -> torch.Tensor:
     used slots only."""
     from transformers import DynamicCache
 
+    from specdec.hf_compat import cache_argument
+
     ids, positions, mask, kv = (t.to(hf.device) if isinstance(t, torch.Tensor) else [x.to(hf.device) for x in t]
                                 for t in (ids, positions, mask, kv))
 
@@ -211,5 +213,5 @@ def _reference(hf, ids, positions, mask, kv, unused: int) -> torch.Tensor:
     )
     visible = torch.cat([mask[..., :past], mask[..., past + unused :]], dim=-1)
     additive = torch.zeros(visible.shape, dtype=hf.dtype, device=hf.device).masked_fill_(~visible, torch.finfo(hf.dtype).min)
-    out = hf(input_ids=ids, position_ids=positions, attention_mask=additive, past_key_values=cache, use_cache=True)
+    out = hf(input_ids=ids, position_ids=positions, attention_mask=additive, use_cache=True, **{cache_argument(hf): cache})
     return out.logits.float().cpu()

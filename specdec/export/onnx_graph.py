@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec import attention
+from specdec.hf_compat import check_architecture
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,14 @@ class TreeMaskGraph(torch.nn.Module):
         super().__init__()
         model.set_attn_implementation(attention.NAME)
         self.model = model
+        self.cache_argument = check_architecture(model)
         self.layers = KVShape.of(model.config).layers
 
     def forward(self, input_ids, position_ids, attention_mask, past):
         cache = Cache(layers=[_NewEntries() for _ in range(self.layers)])
         out = self.model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-            past_key_values=cache, use_cache=True,
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
+            **{self.cache_argument: cache},
             specdec_past=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
         )
         presents = []
