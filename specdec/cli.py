@@ -67,7 +67,8 @@ def run(config, prompt, prompt_ids, chat, max_new_tokens, overrides, as_json):
     click.echo(
         f"{m.new_tokens} tokens in {m.total_seconds:.2f} s ({m.tokens_per_second:.1f} tok/s); "
         f"mean accepted length {m.mean_accepted_length:.2f}; {m.target_forwards} target forwards, "
-        f"{m.draft_forwards} draft forwards",
+        f"{m.draft_forwards} draft forwards"
+        + (f"; acceptance by draft position {' '.join(f'{a:.2f}' for a in m.acceptance_by_depth)}" if m.acceptance_by_depth else ""),
         err=True,
     )
 
@@ -182,23 +183,30 @@ def export(model, fmt, out, dtype, opset, max_nodes, max_context, prefill_chunk,
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for the draft (must not exist or be empty)")
 @click.option("--prompts", type=click.Path(dir_okay=False), help="instructions: a text file, one per line, or Spec-Bench JSONL (default: seeds shipped with specdec)")
 @click.option("--limit", type=click.IntRange(1), help="use only the first N prompts")
+@click.option("--head", "head", type=click.Choice(["layers", "eagle3"]), default="layers", show_default=True,
+              help="layers: a small model of the target's architecture; eagle3: an EAGLE-3 head reading the target's features")
+@click.option("--ttt-steps", default=3, show_default=True, type=click.IntRange(1), help="eagle3: draft steps unrolled per position in training")
 @click.option("--layers", default=2, show_default=True, type=click.IntRange(1), help="draft depth (the target's first layers are copied)")
 @click.option("--init", type=click.Choice(["target", "random"]), default="target", show_default=True, help="copy the target's first layers, or start them fresh")
 @click.option("--draft-vocab", default=10240, show_default=True, type=click.IntRange(0), help="tokens in the draft's head (0 = full vocabulary)")
 @click.option("--train-minutes", default=30.0, show_default=True, type=click.FloatRange(0), help="training time budget")
 @click.option("--max-steps", type=click.IntRange(1), help="stop training after N steps if the time budget lasts that long")
 @click.option("--max-answer-tokens", default=192, show_default=True, type=click.IntRange(1), help="length of each target answer")
+@click.option("--sampled-answers", default=1, show_default=True, type=click.IntRange(0), help="sampled answers per training prompt, besides the greedy one")
+@click.option("--lr", default=5e-4, show_default=True, type=click.FloatRange(0, min_open=True), help="peak learning rate")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @click.option("--seed", default=0, show_default=True, type=int)
-def distill(target, out, prompts, limit, layers, init, draft_vocab, train_minutes, max_steps, max_answer_tokens, device, seed):
-    """Train a small draft for TARGET (a model folder, hub id or .gguf file) by distillation from
-    its own answers. Interrupted runs resume from OUT.distill-work/."""
+def distill(target, out, prompts, limit, head, ttt_steps, layers, init, draft_vocab, train_minutes, max_steps,
+            max_answer_tokens, sampled_answers, lr, device, seed):
+    """Train a small draft or an EAGLE-3 head for TARGET (a model folder, hub id or .gguf file) by
+    distillation from its own answers. Interrupted runs resume from OUT.distill-work/."""
     from pathlib import Path
 
     from specdec.distill import DistillSettings, distill as run_distill
 
-    settings = DistillSettings(prompts=prompts, limit=limit, layers=layers, init=init, draft_vocab=draft_vocab,
-                               train_minutes=train_minutes, max_steps=max_steps, max_answer_tokens=max_answer_tokens, device=device, seed=seed)
+    settings = DistillSettings(head=head, ttt_steps=ttt_steps, prompts=prompts, limit=limit, layers=layers, init=init, draft_vocab=draft_vocab,
+                               train_minutes=train_minutes, max_steps=max_steps, max_answer_tokens=max_answer_tokens,
+                               sampled_answers=sampled_answers, lr=lr, device=device, seed=seed)
     summary = run_distill(target, Path(out), settings)
     click.echo(f"wrote {out}: held-out top-1 agreement {summary['heldout_top1_agreement']:.3f} "
                f"(untrained {summary['untrained_top1_agreement']:.3f}) in {summary['wall_minutes']:.1f} min", err=True)
@@ -222,7 +230,12 @@ def _models(config, which: str):
     roles = [(r, spec) for r, spec in roles if spec is not None and which in (r, "both")]
     if not roles:
         raise SpecdecError(f"the config has no {which} model")
-    return [(role, spec, load_backend(spec)) for role, spec in roles]
+    from specdec.eagle3 import head_folder
+
+    head = config.draft is not None and which != "target" and head_folder(config.draft.model) is not None
+    target = load_backend(config.target) if head else None  # an EAGLE-3 head is loaded on its target
+    loaded = {"target": target} if target is not None else {}
+    return [(role, spec, loaded.get(role) or load_backend(spec, target)) for role, spec in roles]
 
 
 @cli.command()

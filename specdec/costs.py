@@ -49,6 +49,8 @@ def chain_inputs(backend: Backend, query: int, context: int) -> tuple[torch.Tens
     -> forward inputs of a chain of `query` new entries: ids, positions [1, Q], mask [1, Q, Q]."""
     if backend.committed_len != context or backend.pending_len:
         backend.reset()
+        if backend.aux_layers is not None:  # a draft reading target features: zeros cost the same
+            backend.take_features(0, torch.zeros(context + max(QUERIES), backend.feature_size))
         generator = torch.Generator().manual_seed(0)
         backend.prefill(torch.randint(0, backend.vocab_size, (1, context), generator=generator))
     ids = torch.randint(0, backend.vocab_size, (1, query))

@@ -50,9 +50,12 @@ def speculative_decode(
         t1 = time.perf_counter()
         verdict = _verify(target, tree, warp, rng)
         t2 = time.perf_counter()
+        committed = target.committed_len
         target.commit(verdict.path)
         if draft is not None:
             _commit_draft(draft, tree, verdict.path)
+            if draft.aux_layers is not None:  # an EAGLE-3 head reads the target's features
+                draft.take_features(committed, target.features[verdict.path])
         strategy.update(verdict, tree)
         block = tree.tokens[verdict.path[1:]].tolist() + [verdict.bonus_token]
         emitted_before = len(generated)
@@ -102,6 +105,8 @@ def _prefill(target, draft, strategy, prompt, warp, rng) -> int:
     logits = target.prefill(ids)[0]  # [V], on the target's device
     if draft is not None:
         draft.reset()
+        if draft.aux_layers is not None:
+            draft.take_features(0, target.features)
         draft.prefill(ids)
     return int(logits.argmax()) if warp.greedy else rng.sample(warp_probs(logits, warp).cpu())
 

@@ -58,13 +58,15 @@ class SpeculativeDecoder:
         entries for them are not loaded."""
         if not isinstance(config, Config):
             config = load_config(config)
+        if target is None and draft is None and config.draft is not None:
+            _check_head_target(config)
         target_backend = _as_backend(target) if target is not None else load_backend(config.target)
         component = plugins.get_strategy(config.strategy.name)
         draft_backend = None  # a configured draft is not loaded for a strategy that does not use it
         if component.cls.needs_draft and draft is not None:
             draft_backend = _as_backend(draft)
         elif component.cls.needs_draft and config.draft is not None:
-            draft_backend = load_backend(config.draft)
+            draft_backend = load_backend(config.draft, target_backend)
         if tokenizer is None and target is None:
             tokenizer = load_tokenizer(config.target.model)
         strategy = component.cls(config.strategy.options)
@@ -143,12 +145,16 @@ class SpeculativeDecoder:
             )
 
 
-def load_backend(spec: ModelSpec) -> Backend:
+def load_backend(spec: ModelSpec, target: Backend | None = None) -> Backend:
     """The configured backend over `spec.model`; a draft with a reduced vocabulary (a
-    `specdec_vocab.json` beside its weights) is wrapped so that it speaks target ids."""
+    `specdec_vocab.json` beside its weights) is wrapped so that it speaks target ids; an EAGLE-3
+    head (recognised from its files) is loaded on top of `target`."""
     from specdec.backends.vocab import MappedVocabBackend, read_vocab_map
+    from specdec.eagle3 import head_folder
     from specdec.export import prepare
 
+    if target is not None and (folder := head_folder(spec.model)) is not None:
+        return _load_head(spec, folder, target)
     component = plugins.get_backend(spec.backend)
     logger.info("loading %s with the %s backend", spec.model, spec.backend)
     backend = component.cls.load(prepare(spec.model, component.cls, spec.options), spec.options)
@@ -156,6 +162,28 @@ def load_backend(spec: ModelSpec) -> Backend:
     if vocab_map is not None:
         backend = MappedVocabBackend(backend, vocab_map["draft_to_target"], vocab_map["target_vocab_size"])
     return backend
+
+
+def _check_head_target(config: Config) -> None:
+    """An EAGLE-3 head over a target backend that cannot return hidden states: one line, before anything loads."""
+    from specdec.eagle3 import head_folder
+
+    target_cls = plugins.get_backend(config.target.backend).cls
+    if not target_cls.returns_features and plugins.get_strategy(config.strategy.name).cls.needs_draft \
+            and head_folder(config.draft.model) is not None:
+        raise target_cls._no_features()
+
+
+def _load_head(spec: ModelSpec, folder: Path, target: Backend) -> Backend:
+    import torch
+
+    from specdec.backends.eagle3 import Eagle3Backend
+    from specdec.devices import resolve_device
+
+    if spec.backend != "pytorch":
+        raise SpecdecError(f"{spec.model!r} is an EAGLE-3 head, which runs on the pytorch backend; set draft.backend: pytorch")
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(spec.options.dtype, torch.float32)
+    return Eagle3Backend.for_target(folder, target, resolve_device(spec.options.device), dtype)
 
 
 def _as_backend(model) -> Backend:

@@ -42,7 +42,7 @@ def resolve_source(model: str, dtype: str | None = "float32") -> str:
         return str(gguf_folder(path, dtype))
     if path.exists():
         if not (path / "config.json").is_file():
-            raise SpecdecError(f"model directory {model!r} has no config.json; is it a Hugging Face model?")
+            raise SpecdecError(f"model directory {model!r} has no config.json; is it a Hugging Face model or an EAGLE-3 head?")
     elif looks_like_path(model):
         raise SpecdecError(f"model path {model!r} does not exist; check the `model:` key in the config")
     return model

@@ -53,6 +53,8 @@ def test_bench_writes_every_report_and_outputs_match_ar(repo_mirror, monkeypatch
     assert len(choice["turns"]) == len(choice["new_tokens"]) == len(choice["wall_time"]) == len(choice["accept_lengths"]) == 2
     assert all(0 < n <= 12 for n in choice["new_tokens"])
     assert "| method |" in (out / "report.md").read_text() and "| method |" in capsys.readouterr().out
+    by_position = (out / "report.md").read_text().split("acceptance by draft position")[1]
+    assert f"| chain | {chain['acceptance_by_depth'][0]:.2f} |" in by_position
     for png in ("speedup.png", "acceptance.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

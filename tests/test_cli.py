@@ -33,6 +33,7 @@ def test_run_prints_tokens_and_a_summary(capsys, write_config):
     assert code == 0
     assert len(out.split()) == 20
     assert "20 tokens in" in err and "mean accepted length" in err
+    assert len(err.split("acceptance by draft position ")[1].split()) == 2  # k = 2: positions 1 and 2
 
 
 def test_config_show_prints_defaults(capsys, write_config):

@@ -1,5 +1,7 @@
 """Configs: defaults from each component's options model, overrides, clear errors."""
 
+from pathlib import Path
+
 import pytest
 
 from specdec.config import load_config
@@ -67,3 +69,9 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("target: [unclosed\n")
     with pytest.raises(SpecdecError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert config.target.model and config.strategy.name

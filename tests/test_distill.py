@@ -46,14 +46,20 @@ def test_distill_writes_a_draft_that_agrees_more_than_untrained(trained):
 
 def test_the_distilled_draft_is_lossless_and_accepted(trained):
     from specdec.backends.vocab import MappedVocabBackend
+
+    assert_lossless_and_accepted(trained[0], MappedVocabBackend)
+
+
+def assert_lossless_and_accepted(out: Path, backend_type: type) -> None:
+    """The draft in `out` loads as `backend_type` over the demo target, its greedy output equals the
+    target's own, and it is accepted at least once."""
     from specdec.config import load_config
     from specdec.decoder import SpeculativeDecoder
 
-    out, _ = trained
     data = {"target": {"model": DEMO}, "draft": {"model": str(out)}, "strategy": {"name": "chain", "k": 3},
             "generation": {"max_new_tokens": 40}}
     spec = SpeculativeDecoder.from_config(load_config(data=data))
-    assert isinstance(spec.draft, MappedVocabBackend)
+    assert isinstance(spec.draft, backend_type)
     ar = SpeculativeDecoder.from_config(load_config(data={**data, "strategy": {"name": "ar"}}))
     accepted = 0
     for prompt in ("def add(a, b):", "import json"):

@@ -13,6 +13,8 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from specdec.errors import SpecdecError
+
 
 class BackendOptions(BaseModel):
     """Base of every backend's options model (the only source of its defaults)."""
@@ -35,6 +37,13 @@ class Backend(ABC):
     # What `load` takes besides a model folder or hub id: "onnx" (a specdec ONNX export) or "tensorrt"
     # (an export with an engine for this GPU); specdec.export.prepare makes it on first use.
     artifact: ClassVar[str | None] = None
+    # Target features (EAGLE-3 drafts, DESIGN.md section 5): a draft that reads them names the target
+    # layers whose inputs it needs; a target asked for them keeps `features` [Q, F] of its last
+    # prefill or forward (every position computed), F = len(layers) x hidden size.
+    aux_layers: tuple[int, ...] | None = None
+    features: torch.Tensor | None = None
+    returns_features: ClassVar[bool] = False  # whether `request_features` works on this backend
+    num_layers: int = 0  # decoder layers, where known
 
     @classmethod
     @abstractmethod
@@ -78,6 +87,23 @@ class Backend(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Drop the whole cache."""
+
+    def input_embedding(self) -> torch.Tensor:
+        """Target side: the input embedding [V, H] (an EAGLE-3 draft shares it)."""
+        raise self._no_features()
+
+    def request_features(self, layers: tuple[int, ...]) -> None:
+        """Target side: from now on keep `features`, the hidden states entering decoder `layers`
+        (of `num_layers`), concatenated in that order."""
+        raise self._no_features()
+
+    @classmethod
+    def _no_features(cls) -> SpecdecError:
+        return SpecdecError(f"the {cls.name} backend does not return hidden states, which an EAGLE-3 draft reads; "
+                            "put the target on the pytorch backend")
+
+    def take_features(self, position: int, features: torch.Tensor) -> None:
+        """Draft side: the target's features [n, F] of newly committed positions position .. position + n - 1."""
 
     def op_profile(self, run: Callable[[], object]) -> dict[str, float] | None:
         """Call `run` under this backend's operator profiler -> seconds spent per operator type

@@ -42,6 +42,14 @@ def write_vocab_map(folder: str | Path, draft_to_target: list[int], target_vocab
     (Path(folder) / VOCAB_FILE).write_text(json.dumps(data) + "\n")
 
 
+def scatter_to_target(logits: torch.Tensor, columns: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Draft-vocabulary logits [..., V_draft] -> target logits [..., V]: column `columns[i]` [V_draft]
+    gets draft id i, every other target token -inf (the draft proposes zero probability there)."""
+    out = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+    out[..., columns] = logits
+    return out
+
+
 class MappedVocabBackend(Backend):
     """A draft backend over a reduced vocabulary, seen by the loop in target ids."""
 
@@ -74,9 +82,7 @@ class MappedVocabBackend(Backend):
 
     def to_target_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[..., V_draft + 1] draft logits -> [..., V] target logits, -inf outside the map."""
-        out = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
-        out[..., self._columns] = logits[..., : len(self.draft_to_target)]
-        return out
+        return scatter_to_target(logits[..., : len(self.draft_to_target)], self._columns, self.vocab_size)
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.to_target_logits(self.inner.prefill(self.target_to_draft[input_ids]))

@@ -164,6 +164,14 @@ def markdown(report: dict) -> str:
             if r["tau_by_category"]:
                 cells = " | ".join(_cell(r["tau_by_category"].get(c), ".2f") for c in categories)
                 lines.append(f"| {r['name']} | {cells} |")
+    depth = max((len(r["acceptance_by_depth"]) for r in report["runs"]), default=0)
+    if depth:
+        lines += ["", "acceptance by draft position (share of steps whose tree reached position d that accepted a token there):",
+                  "", "| method | " + " | ".join(str(d) for d in range(1, depth + 1)) + " |", "|---|" + "---:|" * depth]
+        for r in report["runs"]:
+            if r["acceptance_by_depth"]:
+                cells = [_cell(a, ".2f") for a in r["acceptance_by_depth"]] + ["-"] * (depth - len(r["acceptance_by_depth"]))
+                lines.append(f"| {r['name']} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -103,10 +103,10 @@ def _decoders(settings: BenchSettings):
     """A decoder per config and sweep point; models shared between them are loaded once."""
     loaded: dict[str, object] = {}
 
-    def backend(spec: ModelSpec):
-        key = json.dumps(spec.to_dict(), sort_keys=True)
+    def backend(spec: ModelSpec, target=None):
+        key = json.dumps([spec.to_dict(), target is not None and id(target)], sort_keys=True)
         if key not in loaded:
-            loaded[key] = load_backend(spec)
+            loaded[key] = load_backend(spec, target)  # a draft on `target`: an EAGLE-3 head reads its features
         return loaded[key]
 
     unused = [o for o in settings.overrides if not any(applies(path, o) for path in settings.configs)]
@@ -119,7 +119,8 @@ def _decoders(settings: BenchSettings):
             if first is None:
                 first, tokenizer = config, load_tokenizer(config.target.model)
             needs_draft = plugins.get_strategy(config.strategy.name).cls.needs_draft
-            draft = backend(config.draft) if needs_draft and config.draft is not None else None
-            decoder = SpeculativeDecoder.from_config(config, target=backend(config.target), draft=draft, tokenizer=tokenizer)
+            target = backend(config.target)
+            draft = backend(config.draft, target) if needs_draft and config.draft is not None else None
+            decoder = SpeculativeDecoder.from_config(config, target=target, draft=draft, tokenizer=tokenizer)
             decoders.append((f"{Path(path).stem}{f' [{label}]' if label else ''}", decoder))
     return decoders, first

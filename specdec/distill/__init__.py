@@ -5,8 +5,11 @@ Phases, each resumable from the work folder `<out>.distill-work/`:
    position are cached (`data/*.pt`). A share of the prompts is held out for evaluation.
 2. vocab: the draft's head keeps the `draft_vocab` most frequent answer tokens (FR-Spec, EAGLE-3).
 3. train: the draft (the target's first layers copied, reduced head) learns the target's distributions for a
-   time budget; checkpoints every few minutes.
-4. write: a Hugging Face model folder with `specdec_vocab.json` and a model card, whole or not at all.
+   time budget; checkpoints every few minutes. With `head="eagle3"` the draft is an EAGLE-3 head
+   reading the target's features (cached in the work folder), trained with the training-time test
+   (specdec.distill.eagle3).
+4. write: a Hugging Face model folder with `specdec_vocab.json` (an EAGLE-3 head: the published
+   format, d2t inside) and a model card, whole or not at all.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DistillSettings:
+    head: str = "layers"  # "layers": a small model of the target's own architecture; "eagle3": an EAGLE-3 head
+    ttt_steps: int = 3  # eagle3: unrolled draft steps per position (training-time test)
     prompts: str | None = None  # text file (one per line) or Spec-Bench JSONL; default: the shipped seeds
     limit: int | None = None  # use only the first N prompts (after shuffling)
     max_answer_tokens: int = 192
@@ -59,6 +64,8 @@ def distill(target: str, out: Path, settings: DistillSettings) -> dict:
     from specdec.distill.data import read_prompts
     from specdec.models import resolve_source
 
+    if settings.head not in ("layers", "eagle3"):
+        raise SpecdecError(f"unknown draft head {settings.head!r}; choose layers or eagle3")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SpecdecError(f"output folder {str(out)!r} is not empty; remove it or choose another --out")
     resolve_source(target)  # bad inputs fail before any work folder exists
@@ -98,14 +105,22 @@ def _run(target: str, out: Path, work: Path, state: dict, started: float, settin
         vocab = choose_vocab(train_ex, settings.draft_vocab, vocab_size, eos | _special_ids(tokenizer))
     else:
         vocab = list(range(vocab_size))
-    t2d = torch.full((vocab_size,), len(vocab), dtype=torch.long)
+    if settings.head == "eagle3":
+        from specdec.distill.eagle3 import cached_features, new_head
+
+        draft = new_head(model, vocab).to(settings.device)
+        cached_features(work / "features.pt", model, train_ex + eval_ex, draft.config.aux_layers, settings.batch_tokens)
+        layers = list(draft.config.aux_layers)
+        t2d = torch.full((vocab_size,), -1, dtype=torch.long)  # target id -> draft id, -1 outside
+    else:
+        layers = list(range(min(settings.layers, model.config.get_text_config().num_hidden_layers)))
+        draft = build_draft(model, layers, vocab, copy_layers=settings.init == "target").to(settings.device)
+        t2d = torch.full((vocab_size,), len(vocab), dtype=torch.long)  # target id -> draft id, the last row outside
     t2d[torch.tensor(vocab)] = torch.arange(len(vocab))
-    layers = list(range(min(settings.layers, model.config.get_text_config().num_hidden_layers)))
-    draft = build_draft(model, layers, vocab, copy_layers=settings.init == "target").to(settings.device)
     del model
     summary = _train(draft, train_ex, eval_ex, t2d, settings, work, state)
     summary.update(
-        target=target, layers_from_target=layers, draft_vocab=len(vocab), target_vocab=vocab_size,
+        target=target, head=settings.head, layers_from_target=layers, draft_vocab=len(vocab), target_vocab=vocab_size,
         heldout_coverage=coverage(eval_ex, vocab), train_examples=len(train_ex), heldout_examples=len(eval_ex),
         train_answer_tokens=sum(len(ex.ids) - ex.start for ex in train_ex),
         heldout_answer_tokens=sum(len(ex.ids) - ex.start for ex in eval_ex),
@@ -178,11 +193,29 @@ def _generate(folder: Path, model, tokenizer, prompts: list[str], settings: Dist
     return examples
 
 
-def _train(draft, train_ex, eval_ex, t2d, settings: DistillSettings, work: Path, state: dict) -> dict:
-    from specdec.distill.train import agreement, batches, learning_rate, step_loss
+def _objective(settings: DistillSettings):
+    """(loss of a batch -> (loss, top-1 agreements, positions), held-out agreement per draft position)."""
+    from specdec.distill import eagle3, train
 
+    if settings.head == "eagle3":
+        def loss(draft, batch, t2d, max_len):
+            total, agree, count = eagle3.ttt_loss(draft, batch, t2d, settings.ttt_steps, max_len)
+            return total, agree[0], count[0]
+
+        def measure(draft, examples, t2d):
+            return eagle3.acceptance(draft, examples, t2d, settings.ttt_steps, settings.max_len, settings.batch_tokens)
+
+        return loss, measure
+    return train.step_loss, lambda draft, examples, t2d: [
+        train.agreement(draft, examples, t2d, settings.max_len, settings.batch_tokens)]
+
+
+def _train(draft, train_ex, eval_ex, t2d, settings: DistillSettings, work: Path, state: dict) -> dict:
+    from specdec.distill.train import batches, learning_rate
+
+    step_loss, measure = _objective(settings)
     checkpoint = work / "checkpoint.pt"
-    before = agreement(draft, eval_ex, t2d, settings.max_len, settings.batch_tokens)
+    before = measure(draft, eval_ex, t2d)
     optimizer = torch.optim.AdamW(draft.parameters(), lr=settings.lr, weight_decay=0.0)
     done, steps, epoch = 0.0, 0, 0
     if checkpoint.is_file():
@@ -218,8 +251,9 @@ def _train(draft, train_ex, eval_ex, t2d, settings: DistillSettings, work: Path,
             epoch += 1
     bar.close()
     _save_checkpoint(checkpoint, draft, optimizer, done, steps, epoch)
-    after = agreement(draft, eval_ex, t2d, settings.max_len, settings.batch_tokens)
-    return {"heldout_top1_agreement": after, "untrained_top1_agreement": before, "steps": steps,
+    after = measure(draft, eval_ex, t2d)
+    return {"heldout_top1_agreement": after[0], "untrained_top1_agreement": before[0], "steps": steps,
+            "heldout_top1_by_position": after, "untrained_top1_by_position": before,
             "epochs": epoch + 1, "train_minutes": done / 60}
 
 
@@ -233,15 +267,19 @@ def _save_checkpoint(path: Path, draft, optimizer, seconds: float, steps: int, e
 def _write(out: Path, draft, vocab, target_vocab: int, tokenizer, summary: dict, settings: DistillSettings) -> None:
     from specdec.backends.vocab import write_vocab_map
     from specdec.distill.card import model_card
+    from specdec.eagle3 import Eagle3Head, save_head
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        draft.to(getattr(torch, settings.save_dtype)).save_pretrained(partial)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(partial)
-        if len(vocab) < target_vocab:
-            write_vocab_map(partial, vocab, target_vocab)
+        if isinstance(draft, Eagle3Head):
+            save_head(draft, partial)  # the published format: d2t inside, the target's tokenizer and embedding
+        else:
+            draft.to(getattr(torch, settings.save_dtype)).save_pretrained(partial)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(partial)
+            if len(vocab) < target_vocab:
+                write_vocab_map(partial, vocab, target_vocab)
         (partial / "distill.json").write_text(json.dumps(summary, indent=2) + "\n")
         (partial / "README.md").write_text(model_card(summary))
         if out.exists():

@@ -25,6 +25,7 @@ class Example:
     start: int  # index of the first answer token; position start - 1 + j predicts answer token j
     topk_ids: torch.Tensor  # [A, k] int32: the target's top-k next tokens at each answer position
     topk_logprobs: torch.Tensor  # [A, k] float16: their log-probabilities
+    features: torch.Tensor | None = None  # [L, F] float16: the target's features (EAGLE-3 heads only)
 
 
 def read_prompts(path: str | Path | None) -> list[str]:
