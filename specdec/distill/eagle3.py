@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 
 import torch
+from tqdm import tqdm
 
 from specdec.distill.data import Example
 from specdec.distill.train import batches
@@ -69,6 +71,7 @@ def add_features(model, examples: list[Example], aux: tuple[int, ...], max_token
     about `max_tokens` tokens."""
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    bar = tqdm(total=len(order), desc="target features", unit="answer", file=sys.stderr)
     start = 0
     while start < len(order):
         end = start + 1
@@ -85,7 +88,9 @@ def add_features(model, examples: list[Example], aux: tuple[int, ...], max_token
         features = torch.cat([states[i] for i in aux], dim=-1).half().cpu()  # [B, W, F]
         for row, i in enumerate(chunk):
             examples[i].features = features[row, : len(examples[i].ids)].clone()
+        bar.update(len(chunk))
         start = end
+    bar.close()
 
 
 def _inputs(batch: list[Example], max_len: int):
