@@ -158,7 +158,6 @@ class Eagle3Backend(TimedForwards, Backend):
             self._keys[:, self._committed : end] = self._keys.index_select(1, index)
             self._values[:, self._committed : end] = self._values.index_select(1, index)
         self._committed += len(kept)
-        self._pending = 0
         self._pending_pos, self._pending_out, self._pending_from_target = [], [], []
 
     @property
