@@ -16,7 +16,7 @@ target's is used).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -229,7 +229,7 @@ def load_head(folder: Path, embed: torch.Tensor, aux_layers: tuple[int, ...], ta
     inputs of the target layers `aux_layers` (hidden size `target_hidden`); a head that does not fit
     the target is one line."""
     config = HeadConfig.read(folder)
-    config = HeadConfig(**{**config.__dict__, "aux_layers": config.aux_layers or aux_layers})
+    config = replace(config, aux_layers=config.aux_layers or aux_layers)
     name = str(folder)
     state = _read_weights(folder)
     if state is None:
@@ -253,7 +253,7 @@ def load_head(folder: Path, embed: torch.Tensor, aux_layers: tuple[int, ...], ta
             f"target layers of {target_hidden} give {expected}; set eagle_aux_hidden_state_layer_ids to match"
         )
     state.pop("embed_tokens.weight", None)
-    missing, unexpected = head.load_state_dict({k: v for k, v in state.items()}, strict=False)
+    missing, unexpected = head.load_state_dict(state, strict=False)
     missing = [m for m in missing if m not in ("d2t", "t2d")]
     if missing or unexpected:
         raise SpecdecError(f"EAGLE-3 head {name!r} does not match the published format: "

@@ -20,7 +20,7 @@ import torch
 from specdec.backends.base import Backend, BackendOptions
 from specdec.backends.clock import ForwardClock, TimedForwards
 from specdec.backends.vocab import scatter_to_target
-from specdec.eagle3 import Eagle3Head, HeadConfig, default_aux_layers, load_head
+from specdec.eagle3 import Eagle3Head, default_aux_layers, load_head
 from specdec.errors import SpecdecError
 
 
@@ -58,8 +58,8 @@ class Eagle3Backend(TimedForwards, Backend):
         """The head in `folder` on `device`, sharing `target`'s embedding; asks `target` for the
         features the head reads (its `eagle_aux_hidden_state_layer_ids`, else EAGLE-3's defaults)."""
         embed = target.input_embedding()
-        aux = HeadConfig.read(folder).aux_layers or default_aux_layers(target.num_layers)
-        head = load_head(folder, embed.to(device), aux, embed.shape[1]).to(device=device, dtype=dtype)
+        head = load_head(folder, embed.to(device), default_aux_layers(target.num_layers), embed.shape[1])
+        head = head.to(device=device, dtype=dtype)
         target.request_features(head.config.aux_layers)
         return cls(head, target.max_length, target.eos_token_ids)
 
@@ -76,10 +76,10 @@ class Eagle3Backend(TimedForwards, Backend):
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]
         positions = torch.arange(self._committed, self._committed + length)[None]
-        logits = self.forward(input_ids, positions, torch.ones(length, length, dtype=torch.bool).tril_()[None])
-        self.forward_calls -= 1  # a prefill is not a draft forward
+        causal = torch.ones(length, length, dtype=torch.bool).tril_()
+        logits = self._forward(input_ids[0].tolist(), positions[0].tolist(), causal)[-1:]  # [1, Vd]
         self.commit(list(range(length)))
-        return logits[:, -1]
+        return scatter_to_target(logits, self._columns, self.vocab_size)  # [1, V]
 
     @torch.inference_mode()
     def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
@@ -122,12 +122,13 @@ class Eagle3Backend(TimedForwards, Backend):
         ("pending", entry) or ("row", earlier query of this forward)."""
         sources, level = [], []
         all_positions = self._pending_pos + positions
-        visible = mask.tolist()  # [Q][S + Q], read on the host once
+        visible = None  # [Q][S + Q] on the host, read once and only when a parent must be found
         for q, p in enumerate(positions):
             if p - 1 < self._known_len:
                 sources.append(("target", p - 1))
                 level.append(0)
                 continue
+            visible = visible if visible is not None else mask.tolist()
             parent = next((j for j in range(existing + q - 1, -1, -1) if visible[q][j] and all_positions[j] == p - 1), None)
             if parent is None:
                 raise RuntimeError(f"EAGLE-3 head: no target features for position {p - 1} and no parent in the mask")
