@@ -145,3 +145,84 @@ def test_chat_bench_without_a_template_is_one_line(repo_mirror, monkeypatch, pro
         main(["bench", "configs/chain.yaml", "--chat", "--prompts", str(prompts), "--baselines", "ar"])
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 1 and len(err) == 1 and "no chat template" in err[0]
+
+
+class FakeLlama:
+    """llama_cpp.Llama as the llama-cpp baseline uses it: counts up from the last prompt token."""
+
+    made: list = []
+
+    def __init__(self, model_path, **kwargs):
+        self.model_path, self.kwargs, self.calls, self.resets = model_path, kwargs, [], 0
+        FakeLlama.made.append(self)
+
+    def reset(self):
+        self.resets += 1
+
+    def generate(self, tokens, **kwargs):
+        self.calls.append((list(tokens), kwargs))
+        token = tokens[-1]
+        while True:
+            token += 1
+            yield token
+
+
+@pytest.fixture
+def fake_llama_cpp(monkeypatch):
+    import sys
+    import types
+
+    module = types.ModuleType("llama_cpp")
+    module.Llama = FakeLlama
+    FakeLlama.made = []
+    monkeypatch.setitem(sys.modules, "llama_cpp", module)
+    return FakeLlama
+
+
+def test_the_llama_cpp_baseline_decodes_the_gguf_greedily_with_the_same_budget_and_stops(fake_llama_cpp, tmp_path):
+    from types import SimpleNamespace
+
+    from specdec.bench.methods import baseline
+
+    reference = SimpleNamespace(target=SimpleNamespace(max_length=4096, eos_token_ids=frozenset({99})))
+    config = SimpleNamespace(target=SimpleNamespace(model=str(tmp_path / "m.gguf")))
+    method = baseline("llama-cpp", reference, config)
+    assert (method.name, method.backend, method.exact) == ("llama-cpp", "llama.cpp", False)
+    assert method.generate([5, 6, 7], 4, frozenset()).token_ids == [8, 9, 10, 11]  # the budget
+    assert method.generate([90, 95], 10, frozenset({97})).token_ids == [96, 97]  # a stop id, kept as ar keeps it
+    assert method.generate([96], 10, frozenset()).token_ids == [97, 98, 99]  # the target's EOS
+    llm = fake_llama_cpp.made[0]
+    assert llm.model_path == str(tmp_path / "m.gguf") and llm.kwargs["n_ctx"] == 4096
+    assert llm.resets == 3  # every prompt is prefilled whole, as for every other method
+    prompt, options = llm.calls[0]
+    assert prompt == [5, 6, 7] and options["temp"] == 0.0 and options["top_k"] == 1 and options["repeat_penalty"] == 1.0
+
+
+def test_the_llama_cpp_baseline_refuses_what_it_cannot_run_in_one_line(monkeypatch, tmp_path):
+    import sys
+    from types import SimpleNamespace
+
+    from specdec.bench.methods import baseline
+
+    reference = SimpleNamespace(target=SimpleNamespace(max_length=4096, eos_token_ids=frozenset()))
+    folder = SimpleNamespace(target=SimpleNamespace(model=str(tmp_path)))
+    with pytest.raises(SpecdecError, match="runs the first config's target as a .gguf file"):
+        baseline("llama-cpp", reference, folder)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # not installed
+    gguf_file = SimpleNamespace(target=SimpleNamespace(model=str(tmp_path / "m.gguf")))
+    with pytest.raises(SpecdecError, match=r"needs llama-cpp-python: pip install 'specdec\[llamacpp\]'"):
+        baseline("llama-cpp", reference, gguf_file)
+
+
+def test_a_llama_cpp_mismatch_with_ar_is_reported_but_expected(repo_mirror, monkeypatch, prompts, tmp_path):
+    from specdec.bench.methods import Method
+    from specdec.bench.runner import BenchSettings, run_bench
+
+    monkeypatch.chdir(repo_mirror)
+    result = run_bench(BenchSettings(["configs/chain.yaml"], prompts=str(prompts), baselines=["ar"], repeats=1, max_new_tokens=6))
+    other = Method("llama-cpp", "-", "llama.cpp", lambda *a: None, exact=False)
+    result.methods.append(other)
+    result.samples["llama-cpp"] = [[[Sample([1, 2, 3], 0.1, [], None) for _ in turns] for turns in result.samples["ar"][0]]]
+    run = summarise(result)["runs"][-1]
+    assert run["outputs_match_ar"] is False and run["expected_to_match_ar"] is False
+    assert all(r["expected_to_match_ar"] for r in summarise(result)["runs"][:-1])

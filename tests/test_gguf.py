@@ -38,8 +38,10 @@ def permute(weights, n_head, n_head_kv):
     return weights.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def write_gguf(path, model, float_type="F32", tokenizer=False):
-    """`model` (a Llama) as llama.cpp would write it; with F16, 2-D weights are F16 and norms F32."""
+def write_gguf(path, model, float_type="F32", tokenizer=False, quant: str | None = None):
+    """`model` (a Llama) as llama.cpp would write it; with F16, 2-D weights are F16 and norms F32;
+    with `quant` (a ggml block type such as Q4_1), 2-D weights are stored in it, the embedding and
+    output in Q8_0 as llama.cpp's quantize leaves them."""
     c = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(c.num_hidden_layers)
@@ -68,6 +70,10 @@ def write_gguf(path, model, float_type="F32", tokenizer=False):
             tensors[f"blk.{i}.{gguf_name}.weight"] = weights
     tensors |= {"output_norm.weight": state["model.norm.weight"], "output.weight": state["lm_head.weight"]}
     for name, weights in tensors.items():
+        if quant and weights.ndim == 2:
+            qtype = gguf.GGMLQuantizationType["Q8_0" if name in ("token_embd.weight", "output.weight") else quant]
+            writer.add_tensor(name, gguf.quants.quantize(weights.astype(np.float32), qtype), raw_dtype=qtype)
+            continue
         writer.add_tensor(name, weights.astype(np.float16 if float_type == "F16" and weights.ndim == 2 else np.float32))
     return finish(writer, path)
 

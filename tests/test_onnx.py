@@ -108,8 +108,25 @@ def test_a_manifest_from_an_incompatible_version(exports, tmp_path):
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["format_version"] = 99
     (folder / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(SpecdecError, match="version 99 .* this specdec reads 'specdec-onnx' version 2: export the model again"):
+    with pytest.raises(SpecdecError, match="version 99 .* this specdec reads 'specdec-onnx' versions 2, 3: export the model again"):
         OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())
+
+
+def test_an_export_of_format_2_still_loads_and_decodes(exports, models, tmp_path):
+    """Format 2 is format 3 without the features output: its manifest names no feature layers."""
+    folder = tmp_path / "v2"
+    shutil.copytree(exports["llama"][1], folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["feature_layers"] == [] and manifest["outputs"][-1] != "features"  # 2 layers: no EAGLE-3 defaults
+    manifest["format_version"] = 2
+    del manifest["feature_layers"], manifest["hidden_size"]
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    target = OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())
+    ar = get_strategy("ar").cls
+    decoder = SpeculativeDecoder(target, None, ar(ar.Options()), GenerationOptions())
+    assert decoder.generate(PROMPT, max_new_tokens=20).token_ids == hf_greedy(models("llama", 0), PROMPT, 20)
+    with pytest.raises(SpecdecError, match="has no features output \\(format 2"):
+        target.request_features((0, 1))
 
 
 def test_an_architecture_without_position_ids_is_refused(tmp_path):

@@ -5,13 +5,15 @@ optimization profiles an engine compiler needs. A subclass adds only how one for
 
 Contract (specdec/export/onnx_graph.py): inputs input_ids, position_ids [1, Q], attention_mask
 [1, 1, Q, C + Q] bool, past_key_values.{i}.key/value [1, H_kv, C, D]: a buffer of capacity C whose
-slots the mask hides are ignored; outputs logits [1, Q, V] and present.{i}.key/value [1, H_kv, Q, D]
-(the new entries only). The export layer uses backends, never the reverse: exports made on first use
+slots the mask hides are ignored; outputs logits [1, Q, V], present.{i}.key/value [1, H_kv, Q, D]
+(the new entries only) and, from format 3, features [1, Q, F] unless exported without (the hidden
+states entering the manifest's `feature_layers`, for EAGLE-3 drafts). The export layer uses backends, never the reverse: exports made on first use
 come from specdec.export.prepare.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -24,7 +26,8 @@ from specdec.backends.clock import ForwardClock, TimedForwards
 from specdec.errors import SpecdecError
 
 MANIFEST = "specdec_export.json"
-FORMAT, FORMAT_VERSION = "specdec-onnx", 2
+FORMAT, FORMAT_VERSION = "specdec-onnx", 3
+READS = (2, 3)  # format versions this specdec loads: 2 is 3 without the features output
 CAPACITY_STEP = 256  # the buffers grow by this many slots (growing copies the cache)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -41,13 +44,29 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise SpecdecError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READS:
         made_by = manifest.get("versions", {}).get("specdec", "an unknown version")
         raise SpecdecError(
             f"{path}: export format {manifest.get('format')!r} version {manifest.get('format_version')} "
-            f"(made by specdec {made_by}); this specdec reads {FORMAT!r} version {FORMAT_VERSION}: export the model again"
+            f"(made by specdec {made_by}); this specdec reads {FORMAT!r} versions {', '.join(map(str, READS))}: "
+            "export the model again"
         )
+    manifest.setdefault("feature_layers", [])  # format 2
     return manifest
+
+
+def read_embedding(folder: Path) -> torch.Tensor:
+    """The input embedding [V, H] of an export: the table its graph gathers `input_ids` from."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False).graph
+    gathers = [n.input[0] for n in graph.node if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] == "input_ids"]
+    tables = [t for t in graph.initializer if t.name in gathers]
+    if len(tables) != 1:
+        raise SpecdecError(f"{folder}: cannot find the input embedding in the ONNX graph (no Gather of input_ids "
+                           "from a stored table), which an EAGLE-3 draft shares; put the target on the pytorch backend")
+    return torch.from_numpy(numpy_helper.to_array(tables[0], base_dir=str(folder)).copy())
 
 
 def folder_eos(folder: Path) -> frozenset[int]:
@@ -102,8 +121,13 @@ class OnnxContractBackend(TimedForwards, Backend):
     (at most the context); the graph reads them in place and returns only the new entries, which
     this class writes after the committed and pending ones."""
 
+    returns_features = True  # exports of format 3 (request_features refuses the others in one line)
+
     def __init__(self, manifest: dict, device: torch.device, eos_token_ids=frozenset(), prefill_chunk: int = 256):
         self.manifest = manifest
+        self.folder: Path | None = None  # the export's folder, where `load` knows it (input_embedding)
+        self.num_layers = manifest["layers"]
+        self._feature_columns: torch.Tensor | None = None  # [F] of the features output, once requested
         self.vocab_size = manifest["vocab_size"]
         self.max_length = manifest["context"]
         self.device = device
@@ -135,17 +159,40 @@ class OnnxContractBackend(TimedForwards, Backend):
             new[:, :, :used] = old[:, :, :used]
             self.kv[i] = new
 
+    def input_embedding(self) -> torch.Tensor:
+        if self.folder is None:
+            raise SpecdecError("this ONNX backend was built without its export folder, where the input embedding is read")
+        return read_embedding(self.folder).to(self.device)
+
+    def request_features(self, layers: tuple[int, ...]) -> None:
+        exported = self.manifest["feature_layers"]
+        where = f" ({self.folder})" if self.folder else ""
+        if not exported:
+            raise SpecdecError(f"this ONNX export{where} has no features output (format {self.manifest['format_version']}, "
+                               "or exported with --feature-layers none), which an EAGLE-3 draft reads; export the model again")
+        missing = [i for i in layers if i not in exported]
+        if missing:
+            raise SpecdecError(f"this ONNX export{where} returns the inputs of layers {exported}, but the draft reads "
+                               f"{list(layers)}; export again with --feature-layers {','.join(map(str, layers))}")
+        hidden = self.manifest["hidden_size"]
+        self._feature_columns = torch.cat([torch.arange(exported.index(i) * hidden, (exported.index(i) + 1) * hidden)
+                                           for i in layers]).to(self.device)
+
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """In chunks of `prefill_chunk` tokens: the graph's attention materialises [Q, C + Q]
         scores per head, and a bounded Q keeps that (and an engine's prefill profile) small."""
         if self._pending:
             raise RuntimeError("prefill with pending entries; commit or rollback first")
+        features = []
         for start in range(0, input_ids.shape[1], self.prefill_chunk):
             chunk = input_ids[:, start : start + self.prefill_chunk]
             length = chunk.shape[1]
             causal = torch.ones(length, length, dtype=torch.bool).tril_()[None]
             logits = self.forward(chunk, torch.arange(self._committed, self._committed + length)[None], causal)
             self.commit(list(range(length)))
+            features.append(self.features)
+        if self._feature_columns is not None:
+            self.features = torch.cat(features)  # [L, F], every prompt position
         return logits[:, -1]
 
     def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
@@ -166,13 +213,23 @@ class OnnxContractBackend(TimedForwards, Backend):
         full[0, 0, :, self._committed : used] = mask[0, :, : self._pending]
         full[0, 0, :, capacity:] = mask[0, :, self._pending :]
         ids = [t.to(self.device, torch.long, non_blocking=True) for t in (input_ids, position_ids)]
-        logits = torch.empty(1, query, self.vocab_size, dtype=self.dtype, device=self.device)  # [1, Q, V]
-        presents = [torch.empty(1, t.shape[1], query, t.shape[3], dtype=self.dtype, device=self.device) for t in self.kv]
-        self.execute(ids + [full] + [t.contiguous() for t in past], [logits] + presents)
-        for buffer, new in zip(self.kv, presents):
+        outputs = self.output_buffers(query)
+        self.execute(ids + [full] + [t.contiguous() for t in past], outputs)
+        for buffer, new in zip(self.kv, outputs[1 : 1 + len(self.kv)]):
             buffer[:, :, used : used + query] = new
+        if self._feature_columns is not None:
+            self.features = outputs[-1][0].index_select(1, self._feature_columns)  # [Q, F]
         self._pending += query
-        return logits.float()
+        return outputs[0].float()
+
+    def output_buffers(self, query: int) -> list[torch.Tensor]:
+        """Empty outputs for a forward of `query` tokens, in the manifest's order: logits [1, Q, V],
+        the presents [1, H_kv, Q, D], then features [1, Q, F] if the export has them."""
+        empty = functools.partial(torch.empty, dtype=self.dtype, device=self.device)
+        outputs = [empty(1, query, self.vocab_size)] + [empty(1, t.shape[1], query, t.shape[3]) for t in self.kv]
+        if self.manifest["feature_layers"]:
+            outputs.append(empty(1, query, len(self.manifest["feature_layers"]) * self.manifest["hidden_size"]))
+        return outputs
 
     def commit(self, keep: list[int]) -> None:
         if keep != list(range(len(keep))):  # a prefix of pending is already in place

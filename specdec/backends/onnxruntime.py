@@ -39,6 +39,10 @@ class OnnxRuntimeOptions(BackendOptions):
     prefill_chunk: int = 256  # prompt tokens per prefill forward
     max_nodes: int = 64  # largest verified tree (TensorRT execution provider profiles only)
     dtype: Literal["float32", "float16"] = "float32"  # of an export made on first use
+    # of an export made on first use from a .gguf file: "auto" keeps its quantized weights quantized
+    # (MatMulNBits), "float" dequantizes them; activations "int8" is faster and changes the numbers
+    weights: Literal["auto", "float"] = "auto"
+    activations: Literal["float32", "int8"] = "float32"
     cache_dir: str | None = None  # where exports made on first use go (default ~/.cache/specdec/onnx)
 
 
@@ -105,7 +109,7 @@ class OnnxRuntimeBackend(OnnxContractBackend):
         ]
         settings = (providers, options.intra_op_threads, options.inter_op_threads, options.allow_spinning)
         backend = cls(create_session(folder, *settings), manifest, device, folder_eos(folder), options.prefill_chunk)
-        backend.source = folder, settings
+        backend.source, backend.folder = (folder, settings), folder
         return backend
 
     def op_profile(self, run) -> dict[str, float] | None:

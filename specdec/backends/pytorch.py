@@ -15,6 +15,7 @@ from specdec.backends.clock import ForwardClock, TimedForwards
 from specdec.backends.graphs import HEADROOM, FixedShapes
 from specdec.devices import Device, resolve_device
 from specdec.errors import SpecdecError
+from specdec.features import LayerInputs
 from specdec.hf_compat import check_architecture
 from specdec.models import context_limit, load_error, resolve_source
 
@@ -57,7 +58,7 @@ class PyTorchBackend(TimedForwards, Backend):
         self._pending = 0
         self.clock = ForwardClock(self.device)
         self._feature_layers: tuple[int, ...] = ()  # whose inputs make `features` (request_features)
-        self._layer_inputs: dict[int, torch.Tensor | None] = {}  # hooked layer -> its input in the last call
+        self._layer_inputs = LayerInputs(self.model)
         self.fixed = None
         if fixed_context is not None:
             self.max_length = min(self.max_length, fixed_context - HEADROOM)
@@ -114,25 +115,13 @@ class PyTorchBackend(TimedForwards, Backend):
     def request_features(self, layers: tuple[int, ...]) -> None:
         if self.fixed is not None:
             raise SpecdecError("target features (an EAGLE-3 draft) do not run with cuda_graphs yet; set cuda_graphs: false")
-        decoder_layers = _decoder_layers(self.model)
-        bad = [i for i in layers if not 0 <= i < len(decoder_layers)]
-        if bad:
-            raise SpecdecError(f"the draft reads target layer {bad[0]}, but the target has {len(decoder_layers)} layers")
-        for index in set(layers) - set(self._layer_inputs):
-            decoder_layers[index].register_forward_pre_hook(self._keep_input(index), with_kwargs=True)
-            self._layer_inputs[index] = None
+        self._layer_inputs.watch(layers)
         self._feature_layers = tuple(layers)
-
-    def _keep_input(self, index: int):
-        def hook(module, args, kwargs):
-            self._layer_inputs[index] = args[0] if args else kwargs["hidden_states"]  # [1, Q, H]
-        return hook
 
     def _run(self, input_ids, position_ids, mask, logits_to_keep: int) -> torch.Tensor:
         logits = self._run_model(input_ids, position_ids, mask, logits_to_keep)
         if self._feature_layers:
-            inputs = [self._layer_inputs[i] for i in self._feature_layers]
-            self.features = torch.cat(inputs, dim=-1)[0, : input_ids.shape[1]]  # [Q, F]
+            self.features = self._layer_inputs.concat(self._feature_layers)[0, : input_ids.shape[1]]  # [Q, F]
         return logits
 
     def _run_model(self, input_ids, position_ids, mask, logits_to_keep: int) -> torch.Tensor:
@@ -179,12 +168,6 @@ class PyTorchBackend(TimedForwards, Backend):
         self._pending = 0
         for layer in self._cache.layers:
             layer.length = 0
-
-
-def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers (Llama `model.layers`, GPT-2 `transformer.h`, ...)."""
-    count = model.config.get_text_config().num_hidden_layers
-    return next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count)
 
 
 class _BufferLayer(CacheLayerMixin):

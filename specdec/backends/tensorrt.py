@@ -119,7 +119,9 @@ class TensorRTBackend(OnnxContractBackend):
             engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise SpecdecError(f"TensorRT could not load {path}; delete it to rebuild")
-        return cls(engine, manifest, chosen, device, folder_eos(folder))
+        backend = cls(engine, manifest, chosen, device, folder_eos(folder))
+        backend.folder = folder
+        return backend
 
     def execute(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
         query, capacity = inputs[0].shape[1], inputs[3].shape[2]

@@ -1,5 +1,5 @@
 """What `specdec bench` times: speculative configs (and their sweeps) and the baselines people
-would use instead (`ar`, `hf`, `hf-assisted`, `hf-prompt-lookup`)."""
+would use instead (`ar`, `hf`, `hf-assisted`, `hf-prompt-lookup`, `llama-cpp`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from specdec.decoder import SpeculativeDecoder
 from specdec.errors import SpecdecError
 from specdec.metrics import GenerationMetrics
 
-BASELINES = ("ar", "hf", "hf-assisted", "hf-prompt-lookup")
+BASELINES = ("ar", "hf", "hf-assisted", "hf-prompt-lookup", "llama-cpp")
+DEFAULT_BASELINES = BASELINES[:4]  # llama-cpp needs an optional extra and a .gguf target
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Method:
     strategy: str
     backend: str
     generate: Callable[[list[int], int, frozenset[int]], Sample]  # (prompt ids, max_new_tokens, stop ids) -> Sample
+    exact: bool = True  # computes the target's own numbers, so its greedy output must equal ar's
 
 
 def expand_sweeps(path: str, overrides: list[str]) -> list[tuple[str, list[str]]]:
@@ -95,6 +97,8 @@ def baseline(name: str, reference: SpeculativeDecoder, config: Config) -> Method
         return speculative("ar", ar)
     if name not in BASELINES:
         raise SpecdecError(f"unknown baseline {name!r}; available: {', '.join(BASELINES)}")
+    if name == "llama-cpp":
+        return _llama_cpp(reference, config.target.model)
     target = _hf_model(reference.target, config.target.model)
     kwargs: dict = {}
     if name == "hf-assisted":
@@ -116,6 +120,35 @@ def baseline(name: str, reference: SpeculativeDecoder, config: Config) -> Method
         return Sample(out[0, len(prompt):].tolist(), time.perf_counter() - start, [], None)
 
     return Method(name, "-", "transformers", generate)
+
+
+def _llama_cpp(reference: SpeculativeDecoder, model: str) -> Method:
+    """Plain llama.cpp decoding of the first config's target, a .gguf file, through llama-cpp-python:
+    the same prompt ids, greedy, the same stop ids and token budget, as many threads as torch uses.
+    Its numbers are llama.cpp's quantized kernels', so its output is not expected to equal `ar`'s."""
+    if not str(model).endswith(".gguf"):
+        raise SpecdecError(f"the llama-cpp baseline runs the first config's target as a .gguf file; {model!r} is not one")
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise SpecdecError("the llama-cpp baseline needs llama-cpp-python: pip install 'specdec[llamacpp]' "
+                           "(it builds llama.cpp from source, which takes minutes)") from None
+    threads = torch.get_num_threads()
+    llm = Llama(model_path=str(Path(model).expanduser()), n_ctx=min(reference.target.max_length, 8192),
+                n_threads=threads, n_threads_batch=threads, verbose=False)
+    eos = reference.target.eos_token_ids
+
+    def generate(prompt: list[int], max_new_tokens: int, stop: frozenset[int] = frozenset()) -> Sample:
+        llm.reset()  # no KV reuse from the previous prompt: every method prefills the whole prompt
+        tokens: list[int] = []
+        start = time.perf_counter()
+        for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+            tokens.append(int(token))
+            if token in eos or token in stop or len(tokens) >= max_new_tokens:
+                break
+        return Sample(tokens, time.perf_counter() - start, [], None)
+
+    return Method("llama-cpp", "-", "llama.cpp", generate, exact=False)
 
 
 def _hf_draft(backend, model: str):

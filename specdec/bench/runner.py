@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from specdec import plugins
-from specdec.bench.methods import BASELINES, Method, Sample, applies, baseline, expand_sweeps, speculative
+from specdec.bench.methods import DEFAULT_BASELINES, Method, Sample, applies, baseline, expand_sweeps, speculative
 from specdec.bench.prompts import Question, load_questions
 from specdec.config import ModelSpec, load_config
 from specdec.decoder import SpeculativeDecoder, load_backend
@@ -27,7 +27,7 @@ class BenchSettings:
     configs: list[str]
     overrides: list[str] = field(default_factory=list)
     prompts: str | None = None
-    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
     repeats: int = 3
     warmup: int = 1
     max_new_tokens: int | None = None

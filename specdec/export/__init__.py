@@ -26,7 +26,8 @@ def prepare(model: str, backend: type[Backend], options: BackendOptions) -> str:
     if not (folder / MANIFEST).is_file():
         if folder.is_dir() and not (folder / "config.json").is_file():
             read_manifest(folder)  # neither an export nor a model: say so
-        folder = _export_on_first_use(model, options.dtype, options.cache_dir)
+        weights = getattr(options, "weights", "float"), getattr(options, "activations", "float32")
+        folder = _export_on_first_use(model, options.dtype, options.cache_dir, *weights)
     if backend.artifact == "tensorrt":
         from specdec.export.tensorrt import build_engine
 
@@ -34,13 +35,18 @@ def prepare(model: str, backend: type[Backend], options: BackendOptions) -> str:
     return str(folder)
 
 
-def _export_on_first_use(model: str, dtype: str, cache_dir: str | None) -> Path:
+def _export_on_first_use(model: str, dtype: str, cache_dir: str | None, weights: str = "float",
+                         activations: str = "float32") -> Path:
+    """weights "auto" keeps a .gguf file's quantized weights (backends that run MatMulNBits)."""
     from specdec.export.onnx import export_onnx
 
     root = Path(cache_dir).expanduser() if cache_dir else cache_root() / "onnx"
     source = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
-    folder = root / f"{Path(source).name}-{source_key(source)}-{dtype}-v{FORMAT_VERSION}"
+    if not source.endswith(".gguf"):
+        weights, activations = "float", "float32"  # nothing quantized to keep
+    mode = "" if weights == "float" else f"-gguf-{activations}"
+    folder = root / f"{Path(source).name}-{source_key(source)}-{dtype}{mode}-v{FORMAT_VERSION}"
     if not (folder / MANIFEST).is_file():
         logger.warning("exporting %s to ONNX in %s (first use; later runs reuse it)", model, folder)
-        export_onnx(source, folder, dtype)
+        export_onnx(source, folder, dtype, weights=weights, activations=activations)
     return folder

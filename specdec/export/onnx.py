@@ -26,8 +26,20 @@ RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 PROB_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
 
 
-def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None = None) -> Path:
-    """Export `model` (a local folder or hub id) into `out`, written whole or not at all."""
+def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None = None,
+                feature_layers: tuple[int, ...] | None = None, weights: str = "auto", activations: str = "float32") -> Path:
+    """Export `model` (a local folder, hub id or .gguf file) into `out`, written whole or not at all.
+    The graph also returns the hidden states entering `feature_layers` (default: EAGLE-3's, 2, N//2,
+    N-3, for N >= 3 layers; () for none), which an EAGLE-3 draft reads. weights "auto": a GGUF's
+    quantized weights stay quantized (float32 exports; specdec.export.gguf_weights), computed with
+    float32 or int8 `activations`; "float": every weight dequantized."""
+    quantize = weights == "auto" and str(model).endswith(".gguf")
+    if activations != "float32" and not quantize:
+        raise SpecdecError("--activations int8 applies to a GGUF's quantized weights: give a .gguf model (and --weights auto)")
+    if quantize and dtype != "float32":
+        raise SpecdecError(f"a GGUF's quantized weights are kept in float32 exports only; use --dtype float32, or --weights float "
+                           f"for a {dtype} export of the dequantized weights")
+    from specdec.eagle3 import default_aux_layers
     from specdec.hf_compat import check_architecture
 
     try:
@@ -45,6 +57,9 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
     hf = _load(model, dtype)
     check_architecture(hf)
     shape = KVShape.of(hf.config)
+    if feature_layers is None:  # EAGLE-3's defaults exist from 3 layers up
+        feature_layers = default_aux_layers(shape.layers) if shape.layers >= 3 else ()
+    graph = TreeMaskGraph(hf, tuple(feature_layers))  # checks the layers exist
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -53,14 +68,20 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                TreeMaskGraph(hf).eval(), example_inputs(shape, hf.config.get_text_config().vocab_size, hf.dtype),
+                graph.eval(), example_inputs(shape, hf.config.get_text_config().vocab_size, hf.dtype),
                 dynamic_shapes=dynamic_shapes(shape.layers), dynamo=True, opset_version=opset,
-                input_names=input_names(shape.layers), output_names=output_names(shape.layers),
+                input_names=input_names(shape.layers), output_names=output_names(shape.layers, bool(feature_layers)),
             )
         phases.update()
         phases.set_description(f"export {Path(model).name}: save")
         large = sum(p.numel() * p.element_size() for p in hf.parameters()) > 1 << 30
         program.save(str(partial / "model.onnx"), external_data=large)
+        weight_summary = {"kind": "float"}
+        if quantize:
+            from specdec.export.gguf_weights import quantize_graph
+
+            phases.set_description(f"export {Path(model).name}: keep the GGUF's quantized weights")
+            weight_summary = {"kind": "gguf", **quantize_graph(partial / "model.onnx", Path(model).expanduser(), activations)}
         vocab_map = Path(resolve_source(model, dtype)) / VOCAB_FILE
         if vocab_map.is_file():  # a reduced-vocabulary draft: the map travels with the graph
             shutil.copy(vocab_map, partial / VOCAB_FILE)
@@ -70,7 +91,7 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
         tokenizer = load_tokenizer(model)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
-        (partial / MANIFEST).write_text(json.dumps(_manifest(model, hf, shape, dtype, program), indent=2) + "\n")
+        (partial / MANIFEST).write_text(json.dumps(_manifest(model, hf, shape, dtype, program, feature_layers, weight_summary), indent=2) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         partial.rename(out)
         phases.update()
@@ -94,7 +115,7 @@ def _load(model: str, dtype: str):
     raise load_error(model, error)
 
 
-def _manifest(model: str, hf, shape: KVShape, dtype: str, program) -> dict:
+def _manifest(model: str, hf, shape: KVShape, dtype: str, program, feature_layers: tuple[int, ...], weights: dict) -> dict:
     import onnx
     import transformers
 
@@ -104,7 +125,9 @@ def _manifest(model: str, hf, shape: KVShape, dtype: str, program) -> dict:
         "format": FORMAT, "format_version": FORMAT_VERSION, "source_model": str(model),
         "architecture": config.model_type, "layers": shape.layers, "kv_heads": shape.kv_heads,
         "head_dim": shape.head_dim, "vocab_size": config.vocab_size, "context": context_limit(config),
-        "dtype": dtype, "opset": opset, "inputs": input_names(shape.layers), "outputs": output_names(shape.layers),
+        "dtype": dtype, "opset": opset, "inputs": input_names(shape.layers),
+        "outputs": output_names(shape.layers, bool(feature_layers)),
+        "feature_layers": list(feature_layers), "hidden_size": config.hidden_size, "weights": weights,
         "versions": {"specdec": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "onnx": onnx.__version__},
     }
@@ -172,10 +195,9 @@ def graph_logits(backend, ids, positions, mask, kv) -> torch.Tensor:
     ONNX-contract backend's `execute`."""
     device, query = backend.device, ids.shape[1]
     inputs = [t.to(device).contiguous() for t in [ids, positions, mask] + kv]
-    logits = torch.empty(1, query, backend.vocab_size, dtype=backend.dtype, device=device)
-    presents = [torch.empty(1, t.shape[1], query, t.shape[3], dtype=backend.dtype, device=device) for t in kv]
-    backend.execute(inputs, [logits] + presents)
-    return logits.float().cpu()
+    outputs = backend.output_buffers(query)
+    backend.execute(inputs, outputs)
+    return outputs[0].float().cpu()
 
 
 def _random_tree(shape: KVShape, vocab: int, dtype, query: int, past: int, unused: int, gen):

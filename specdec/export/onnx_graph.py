@@ -3,7 +3,10 @@
 Inputs: input_ids [B,Q] int64, position_ids [B,Q] int64, attention_mask [B,1,Q,C+Q] bool,
 past_key_values.{i}.key / .value [B,H_kv,C,D]: a KV buffer of capacity C, whose slots the mask does
 not show are ignored (they must hold finite values). Outputs: logits [B,Q,V], present.{i}.key /
-.value [B,H_kv,Q,D]: the KV of the Q new entries only, for the caller to write into its buffer.
+.value [B,H_kv,Q,D]: the KV of the Q new entries only, for the caller to write into its buffer,
+and (format 3, unless exported without) features [B,Q,F]: the hidden states entering the decoder
+layers the manifest's `feature_layers` names, concatenated (F = their count x the hidden size),
+which an EAGLE-3 draft reads.
 The graph never copies the past: attention reads it in place (specdec/attention.py). B, Q, C and
 the mask's last axis are dynamic (the last is declared on its own: dims cannot be declared as sums).
 """
@@ -17,6 +20,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec import attention
+from specdec.features import LayerInputs
 from specdec.hf_compat import check_architecture
 
 
@@ -41,20 +45,25 @@ def input_names(layers: int) -> list[str]:
     ]
 
 
-def output_names(layers: int) -> list[str]:
-    return ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+def output_names(layers: int, features: bool) -> list[str]:
+    presents = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return ["logits"] + presents + (["features"] if features else [])
 
 
 class TreeMaskGraph(torch.nn.Module):
     """A causal LM taking a bool tree mask over a past KV buffer + the new entries, returning the
-    new entries' KV. Switches `model` to the "specdec_tree" attention implementation."""
+    new entries' KV, and with `feature_layers` the hidden states entering those decoder layers.
+    Switches `model` to the "specdec_tree" attention implementation."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, feature_layers: tuple[int, ...] = ()):
         super().__init__()
         model.set_attn_implementation(attention.NAME)
         self.model = model
         self.cache_argument = check_architecture(model)
         self.layers = KVShape.of(model.config).layers
+        self.feature_layers = feature_layers
+        self.layer_inputs = LayerInputs(model)
+        self.layer_inputs.watch(feature_layers)
 
     def forward(self, input_ids, position_ids, attention_mask, past):
         cache = Cache(layers=[_NewEntries() for _ in range(self.layers)])
@@ -66,6 +75,8 @@ class TreeMaskGraph(torch.nn.Module):
         presents = []
         for layer in cache.layers:
             presents += [layer.keys, layer.values]
+        if self.feature_layers:
+            return out.logits, presents, self.layer_inputs.concat(self.feature_layers)
         return out.logits, presents
 
 

@@ -40,7 +40,7 @@ def export_tensorrt(model: str, out: Path, dtype: str, opset: int | None, max_no
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     try:
-        export_onnx(model, work, dtype, opset)
+        export_onnx(model, work, dtype, opset, weights="float")  # TensorRT has no MatMulNBits
         engine = build_engine(work, max_nodes, max_context, prefill_chunk)
         if validate:
             result = validate_engine(work, model, max_nodes, max_context, prefill_chunk)

@@ -1,0 +1,156 @@
+"""A GGUF's quantized weights kept quantized in the ONNX export (MatMulNBits over the file's own
+blocks): the blocks decode to the file's values, the graph computes the dequantized model, and the
+loop stays lossless on it, with float32 and with int8 activations."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="needs the [gguf] extra")
+pytest.importorskip("onnxruntime", reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
+
+from helpers import hf_greedy  # noqa: E402
+from specdec.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeOptions  # noqa: E402
+from specdec.backends.pytorch import PyTorchBackend, PyTorchOptions  # noqa: E402
+from specdec.config import GenerationOptions  # noqa: E402
+from specdec.decoder import SpeculativeDecoder  # noqa: E402
+from specdec.errors import SpecdecError  # noqa: E402
+from specdec.export.gguf_weights import BLOCK, decode  # noqa: E402
+from specdec.export.onnx import check_export, export_onnx  # noqa: E402
+from specdec.plugins import get_strategy  # noqa: E402
+from test_gguf import write_gguf  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
+
+PROMPT = [3, 17, 42, 8, 60, 5]
+STRATEGIES = [("chain", {"k": 3}), ("static_tree", {"branching": [2, 2]}), ("dyspec", {"max_nodes": 8}), ("gsd", {"max_nodes": 12})]
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_blocks_are_the_files_own_values(qtype):
+    """(q - zero point) x scale per block gives what gguf's own dequantization gives, a block of
+    equal weights (Q4_1 / Q5_1 store d = 0 there) included."""
+    weights = np.random.default_rng(0).standard_normal((6, 4 * BLOCK)).astype(np.float32)
+    weights[2, :BLOCK] = 0.5
+    raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType[qtype])
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    blocks = decode(qtype, raw, 6)
+    q = blocks.q.reshape(6, -1, BLOCK).astype(np.float32)
+    minimums = 0 if blocks.minimums is None else blocks.minimums[..., None]
+    got = (q - blocks.zero_points.astype(np.float32)[..., None]) * blocks.scales[..., None] + minimums
+    np.testing.assert_allclose(got.reshape(6, -1), want, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(want).max())
+    assert blocks.q.max() < 2**blocks.bits and blocks.packed().shape == (6, 4, BLOCK * blocks.bits // 8)
+
+
+def test_nibbles_are_repacked_in_matmulnbits_order():
+    """ggml keeps weight j and j + 16 in byte j; MatMulNBits wants weights 2i and 2i + 1 in byte i."""
+    weights = np.arange(BLOCK, dtype=np.float32)[None].repeat(2, 0) / 4  # q = j exactly in Q4_1... up to d
+    raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType.Q4_1)
+    blocks = decode("Q4_1", raw, 2)
+    packed = blocks.packed()[0, 0]
+    assert [int(packed[i] & 0x0F) for i in range(4)] == [int(v) for v in blocks.q[0, 0:8:2]]
+    assert [int(packed[i] >> 4) for i in range(4)] == [int(v) for v in blocks.q[0, 1:8:2]]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """A tiny Llama written as a Q4_1 GGUF (embedding and output Q8_0), its float32-activation and
+    int8-activation exports, and the model transformers dequantizes from the file."""
+    root = tmp_path_factory.mktemp("quantized")
+    path = write_gguf(root / "tiny-q4_1.gguf", tiny_model("llama", 0), quant="Q4_1")
+    dequantized = PyTorchBackend.load(str(path), PyTorchOptions()).model
+    exports = {act: export_onnx(str(path), root / f"onnx-{act}", activations=act) for act in ("float32", "int8")}
+    return path, exports, dequantized
+
+
+@pytest.mark.parametrize("activations, kept", [("float32", {"Q8_0": 1}), ("int8", {})])
+def test_the_export_keeps_the_files_blocks(activations, kept, quantized):
+    """2 layers x 7 Q4_1 linears, and the Q8_0 output: 8-bit blocks only with int8 activations
+    (onnxruntime has no float32-activation kernel for them)."""
+    import onnx
+
+    _, exports, _ = quantized
+    manifest = json.loads((exports[activations] / "specdec_export.json").read_text())
+    quantized_types = {"Q4_1": 14, **({} if kept else {"Q8_0": 1})}
+    assert manifest["weights"] == {"kind": "gguf", "accuracy": activations, "quantized": quantized_types, "float": kept}
+    nodes = onnx.load(str(exports[activations] / "model.onnx"), load_external_data=False).graph.node
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == sum(quantized_types.values())
+
+
+def test_the_quantized_graph_computes_the_dequantized_model(quantized):
+    path, exports, _ = quantized
+    result = check_export(exports["float32"], str(path))
+    assert result["ok"] and result["greedy_agree"] and result["relative_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+@pytest.mark.parametrize("strategy, options", STRATEGIES)
+def test_greedy_output_is_ar_on_the_same_quantized_target(strategy, options, activations, quantized):
+    path, exports, dequantized = quantized
+
+    def decoder(name, **opts):
+        target = OnnxRuntimeBackend.load(str(exports[activations]), OnnxRuntimeOptions())
+        draft = PyTorchBackend(tiny_model("llama", 1)) if name != "ar" else None
+        component = get_strategy(name)
+        return SpeculativeDecoder(target, draft, component.cls(component.cls.Options(**opts)), GenerationOptions())
+
+    reference = decoder("ar").generate(PROMPT, max_new_tokens=40, ignore_eos=True).token_ids
+    out = decoder(strategy, **options).generate(PROMPT, max_new_tokens=40, ignore_eos=True)
+    assert out.token_ids == reference
+    if activations == "float32":  # the dequantized model itself, up to summation order
+        assert reference == hf_greedy(dequantized, PROMPT, 40)
+
+
+def test_int8_activations_change_the_numbers(quantized):
+    """The option is real: int8 activations give other logits than the dequantized model's."""
+    _, exports, _ = quantized
+    logits = {}
+    for activations, folder in exports.items():
+        backend = OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())
+        logits[activations] = backend.prefill(torch.tensor([PROMPT]))
+    difference = float((logits["int8"] - logits["float32"]).abs().max())
+    assert 1e-4 < difference < 0.2 * float(logits["float32"].abs().max())
+
+
+def test_a_type_matmulnbits_cannot_express_stays_float_in_one_line(quantized, tmp_path, monkeypatch, caplog):
+    import specdec.export.gguf_weights as gguf_weights
+
+    path, _, _ = quantized
+    monkeypatch.setattr(gguf_weights, "decode", lambda type_name, raw, rows: None if type_name == "Q8_0" else decode(type_name, raw, rows))
+    with caplog.at_level(logging.WARNING, logger="specdec.export.gguf_weights"):
+        folder = export_onnx(str(path), tmp_path / "onnx", activations="int8")
+    lines = [r.getMessage() for r in caplog.records if r.name == "specdec.export.gguf_weights"]
+    assert lines == ["output.weight is Q8_0, which MatMulNBits cannot express: kept as float32 in the graph"]
+    assert json.loads((folder / "specdec_export.json").read_text())["weights"]["float"] == {"Q8_0": 1}
+    backend = OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())  # the graph runs, the output as a MatMul
+    assert backend.prefill(torch.tensor([PROMPT])).shape == (1, 96)
+
+
+def test_the_onnxruntime_backend_keeps_the_blocks_on_first_use_unless_told(quantized, tmp_path):
+    from specdec.config import ModelSpec
+    from specdec.decoder import load_backend
+
+    path, _, _ = quantized
+    kinds = {}
+    for weights in ("auto", "float"):
+        backend = load_backend(ModelSpec(model=str(path), backend="onnxruntime", options=OnnxRuntimeOptions(weights=weights)))
+        kinds[weights] = backend.manifest["weights"]["kind"]
+    assert kinds == {"auto": "gguf", "float": "float"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"activations": "int8", "weights": "float"}, "--activations int8 applies to a GGUF's quantized weights"),
+    ({"dtype": "float16"}, "a GGUF's quantized weights are kept in float32 exports only"),
+])
+def test_settings_that_do_not_fit_are_one_line(kwargs, message, quantized, tmp_path):
+    path, _, _ = quantized
+    with pytest.raises(SpecdecError, match=message):
+        export_onnx(str(path), tmp_path / "onnx", **kwargs)
+    assert not (tmp_path / "onnx").exists()
