@@ -161,10 +161,11 @@ def _layer_list(value: str | None) -> tuple[int, ...] | None:
 @click.option("--feature-layers", callback=lambda ctx, param, value: _layer_list(value),
               help="onnx: decoder layers whose inputs the graph also returns, for EAGLE-3 drafts, e.g. 2,15,27, "
                    "or none [default: EAGLE-3's 2, N//2, N-3]")
-@click.option("--weights", type=click.Choice(["auto", "float"]), default="auto", show_default=True,
-              help="onnx: auto keeps a .gguf file's quantized weights quantized (MatMulNBits); float dequantizes every weight")
+@click.option("--weights", type=click.Choice(["auto", "float", "int4", "int8"]), default="auto", show_default=True,
+              help="onnx: auto keeps a .gguf file's quantized weights quantized (MatMulNBits); float dequantizes every "
+                   "weight; int4 / int8 quantize float weights per block (the target becomes that quantized model)")
 @click.option("--activations", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
-              help="onnx, quantized weights: int8 quantizes activations per block (faster; other numbers than the dequantized model)")
+              help="onnx, quantized weights: int8 quantizes activations per block inside each product (faster; other numbers)")
 def export(model, fmt, out, dtype, opset, max_nodes, max_context, prefill_chunk, validate, check_dir, feature_layers,
            weights, activations):
     """Export MODEL (a local folder or hub id) to a graph with a dynamic tree-mask input."""

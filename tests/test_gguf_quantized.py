@@ -18,7 +18,8 @@ from specdec.backends.pytorch import PyTorchBackend, PyTorchOptions  # noqa: E40
 from specdec.config import GenerationOptions  # noqa: E402
 from specdec.decoder import SpeculativeDecoder  # noqa: E402
 from specdec.errors import SpecdecError  # noqa: E402
-from specdec.export.gguf_weights import BLOCK, decode  # noqa: E402
+from specdec.export.gguf_weights import decode  # noqa: E402
+from specdec.export.nbits import BLOCK  # noqa: E402
 from specdec.export.onnx import check_export, export_onnx  # noqa: E402
 from specdec.plugins import get_strategy  # noqa: E402
 from test_gguf import write_gguf  # noqa: E402
@@ -124,9 +125,9 @@ def test_a_type_matmulnbits_cannot_express_stays_float_in_one_line(quantized, tm
 
     path, _, _ = quantized
     monkeypatch.setattr(gguf_weights, "decode", lambda type_name, raw, rows: None if type_name == "Q8_0" else decode(type_name, raw, rows))
-    with caplog.at_level(logging.WARNING, logger="specdec.export.gguf_weights"):
+    with caplog.at_level(logging.WARNING, logger="specdec.export.nbits"):
         folder = export_onnx(str(path), tmp_path / "onnx", activations="int8")
-    lines = [r.getMessage() for r in caplog.records if r.name == "specdec.export.gguf_weights"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "specdec.export.nbits"]
     assert lines == ["output.weight is Q8_0, which MatMulNBits cannot express: kept as float32 in the graph"]
     assert json.loads((folder / "specdec_export.json").read_text())["weights"]["float"] == {"Q8_0": 1}
     backend = OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())  # the graph runs, the output as a MatMul
@@ -146,11 +147,81 @@ def test_the_onnxruntime_backend_keeps_the_blocks_on_first_use_unless_told(quant
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"activations": "int8", "weights": "float"}, "--activations int8 applies to a GGUF's quantized weights"),
-    ({"dtype": "float16"}, "a GGUF's quantized weights are kept in float32 exports only"),
+    ({"activations": "int8", "weights": "float"}, "--activations int8 applies to quantized weights"),
+    ({"weights": "int8"}, "--weights int8 needs --activations int8"),
+    ({"dtype": "float16"}, "quantized weights are kept in float32 exports only"),
 ])
 def test_settings_that_do_not_fit_are_one_line(kwargs, message, quantized, tmp_path):
     path, _, _ = quantized
     with pytest.raises(SpecdecError, match=message):
         export_onnx(str(path), tmp_path / "onnx", **kwargs)
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_to_nearest_blocks_are_within_half_a_step(bits):
+    from specdec.export.nbits import round_to_nearest
+
+    weights = np.random.default_rng(1).standard_normal((5, 4 * BLOCK)).astype(np.float32)
+    weights[1, :BLOCK] = 0.0  # an all-zero block
+    blocks = round_to_nearest(weights, bits)
+    q = blocks.q.reshape(5, -1, BLOCK).astype(np.float32)
+    got = ((q - blocks.zero_points[..., None]) * blocks.scales[..., None]).reshape(5, -1)
+    step = np.repeat(blocks.scales, BLOCK, axis=1)
+    assert np.all(np.abs(got - weights) <= step / 2 + 1e-6) and np.all(got[1, :BLOCK] == 0)
+    assert blocks.q.max() < 2**bits
+
+
+@pytest.fixture(scope="module")
+def rounded(tmp_path_factory):
+    """A tiny float Llama exported with int4 weights (float32 and int8 activations) and int8 weights."""
+    root = tmp_path_factory.mktemp("rounded")
+    tiny_model("llama", 0).save_pretrained(root / "src")
+    settings = {"int4-float32": ("int4", "float32"), "int4-int8": ("int4", "int8"), "int8-int8": ("int8", "int8")}
+    return {key: export_onnx(str(root / "src"), root / key, weights=w, activations=a) for key, (w, a) in settings.items()}
+
+
+@pytest.mark.parametrize("setting", ["int4-float32", "int4-int8", "int8-int8"])
+@pytest.mark.parametrize("strategy, options", STRATEGIES[:3:2])
+def test_a_float_model_quantized_here_decodes_as_ar_on_the_same_export(setting, strategy, options, rounded, models):
+    """--weights int4 / int8 on a float model: every linear becomes MatMulNBits, and the graph is the
+    model with its weights rounded per block (float32 activations: exactly, up to summation order);
+    the loop is lossless relative to it (ar on the same export)."""
+    import onnx
+
+    folder = rounded[setting]
+    manifest = json.loads((folder / "specdec_export.json").read_text())
+    weights = setting.split("-")[0]
+    assert manifest["weights"] == {"kind": weights, "accuracy": setting.split("-")[1], "quantized": {weights: 15}, "float": {}}
+    nodes = onnx.load(str(folder / "model.onnx")).graph.node
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == 15
+
+    def decoder(name, **opts):
+        target = OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())
+        component = get_strategy(name)
+        draft = PyTorchBackend(tiny_model("llama", 1)) if component.cls.needs_draft else None
+        return SpeculativeDecoder(target, draft, component.cls(component.cls.Options(**opts)), GenerationOptions())
+
+    reference = decoder("ar").generate(PROMPT, max_new_tokens=40, ignore_eos=True).token_ids
+    assert decoder(strategy, **options).generate(PROMPT, max_new_tokens=40, ignore_eos=True).token_ids == reference
+    want = rounded_model(models("llama", 0), int(weights[3:]))(torch.tensor([PROMPT])).logits[0, -1]
+    got = OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions()).prefill(torch.tensor([PROMPT]))[0]
+    difference = float((got - want).abs().max()) / float(want.abs().max())
+    assert difference < (1e-5 if setting.endswith("float32") else 0.1)  # int8 activations round inside each product
+
+
+def rounded_model(model, bits: int):
+    """A copy of `model` whose linear weights are rounded per block as the export rounds them."""
+    import copy
+
+    from specdec.export.nbits import round_to_nearest
+
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in rounded.modules():
+            if isinstance(module, torch.nn.Linear):
+                blocks = round_to_nearest(module.weight.numpy(), bits)
+                rows = blocks.q.shape[0]
+                q = blocks.q.reshape(rows, -1, BLOCK).astype(np.float32) - blocks.zero_points[..., None]
+                module.weight.copy_(torch.from_numpy((q * blocks.scales[..., None]).reshape(rows, -1)))
+    return rounded

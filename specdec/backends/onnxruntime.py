@@ -39,9 +39,10 @@ class OnnxRuntimeOptions(BackendOptions):
     prefill_chunk: int = 256  # prompt tokens per prefill forward
     max_nodes: int = 64  # largest verified tree (TensorRT execution provider profiles only)
     dtype: Literal["float32", "float16"] = "float32"  # of an export made on first use
-    # of an export made on first use from a .gguf file: "auto" keeps its quantized weights quantized
-    # (MatMulNBits), "float" dequantizes them; activations "int8" is faster and changes the numbers
-    weights: Literal["auto", "float"] = "auto"
+    # of an export made on first use: "auto" keeps a .gguf file's quantized weights quantized
+    # (MatMulNBits), "float" dequantizes them, "int4" / "int8" quantize float weights (docs/export.md);
+    # activations "int8" is faster and changes the numbers
+    weights: Literal["auto", "float", "int4", "int8"] = "auto"
     activations: Literal["float32", "int8"] = "float32"
     cache_dir: str | None = None  # where exports made on first use go (default ~/.cache/specdec/onnx)
 

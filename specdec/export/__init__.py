@@ -37,14 +37,17 @@ def prepare(model: str, backend: type[Backend], options: BackendOptions) -> str:
 
 def _export_on_first_use(model: str, dtype: str, cache_dir: str | None, weights: str = "float",
                          activations: str = "float32") -> Path:
-    """weights "auto" keeps a .gguf file's quantized weights (backends that run MatMulNBits)."""
+    """weights: "auto" keeps a .gguf file's quantized weights, "int4" / "int8" quantize float ones
+    (backends that run MatMulNBits); "float" for the others."""
     from specdec.export.onnx import export_onnx
 
     root = Path(cache_dir).expanduser() if cache_dir else cache_root() / "onnx"
     source = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
-    if not source.endswith(".gguf"):
-        weights, activations = "float", "float32"  # nothing quantized to keep
-    mode = "" if weights == "float" else f"-gguf-{activations}"
+    if weights == "auto" and not source.endswith(".gguf"):
+        weights = "float"  # nothing quantized to keep
+    if weights == "float":
+        activations = "float32"
+    mode = "" if weights == "float" else f"-{'gguf' if weights == 'auto' else weights}-{activations}"
     folder = root / f"{Path(source).name}-{source_key(source)}-{dtype}{mode}-v{FORMAT_VERSION}"
     if not (folder / MANIFEST).is_file():
         logger.warning("exporting %s to ONNX in %s (first use; later runs reuse it)", model, folder)

@@ -30,15 +30,20 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
                 feature_layers: tuple[int, ...] | None = None, weights: str = "auto", activations: str = "float32") -> Path:
     """Export `model` (a local folder, hub id or .gguf file) into `out`, written whole or not at all.
     The graph also returns the hidden states entering `feature_layers` (default: EAGLE-3's, 2, N//2,
-    N-3, for N >= 3 layers; () for none), which an EAGLE-3 draft reads. weights "auto": a GGUF's
-    quantized weights stay quantized (float32 exports; specdec.export.gguf_weights), computed with
-    float32 or int8 `activations`; "float": every weight dequantized."""
-    quantize = weights == "auto" and str(model).endswith(".gguf")
+    N-3, for N >= 3 layers; () for none), which an EAGLE-3 draft reads. `weights` (specdec.export.nbits):
+    "auto" keeps a GGUF's quantized weights quantized (else float), "float" dequantizes everything,
+    "int4" / "int8" quantize the float weights per block (the target becomes that quantized model);
+    quantized products run with float32 or int8 `activations`."""
+    gguf = str(model).endswith(".gguf")
+    quantize = weights in ("int4", "int8") or weights == "auto" and gguf
     if activations != "float32" and not quantize:
-        raise SpecdecError("--activations int8 applies to a GGUF's quantized weights: give a .gguf model (and --weights auto)")
+        raise SpecdecError("--activations int8 applies to quantized weights: a .gguf model with --weights auto, or --weights int4 / int8")
+    if weights == "int8" and activations != "int8":
+        raise SpecdecError("--weights int8 needs --activations int8: onnxruntime has a fast 8-bit kernel only for int8 "
+                           "activations (with float32 ones it dequantizes every weight in every forward); or use --weights int4")
     if quantize and dtype != "float32":
-        raise SpecdecError(f"a GGUF's quantized weights are kept in float32 exports only; use --dtype float32, or --weights float "
-                           f"for a {dtype} export of the dequantized weights")
+        raise SpecdecError(f"quantized weights are kept in float32 exports only; use --dtype float32, or --weights float "
+                           f"for a {dtype} export")
     from specdec.eagle3 import default_aux_layers
     from specdec.hf_compat import check_architecture
 
@@ -78,10 +83,8 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
         program.save(str(partial / "model.onnx"), external_data=large)
         weight_summary = {"kind": "float"}
         if quantize:
-            from specdec.export.gguf_weights import quantize_graph
-
-            phases.set_description(f"export {Path(model).name}: keep the GGUF's quantized weights")
-            weight_summary = {"kind": "gguf", **quantize_graph(partial / "model.onnx", Path(model).expanduser(), activations)}
+            phases.set_description(f"export {Path(model).name}: quantized weights ({weights})")
+            weight_summary = _quantize_weights(partial / "model.onnx", model, weights, activations)
         vocab_map = Path(resolve_source(model, dtype)) / VOCAB_FILE
         if vocab_map.is_file():  # a reduced-vocabulary draft: the map travels with the graph
             shutil.copy(vocab_map, partial / VOCAB_FILE)
@@ -99,6 +102,24 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
         phases.close()
         shutil.rmtree(partial, ignore_errors=True)
     return out
+
+
+def _quantize_weights(path: Path, model: str, weights: str, activations: str) -> dict:
+    """The graph's MatMul weights as MatMulNBits blocks: a GGUF file's own ("auto"), or rounded to
+    nearest from the float weights ("int4", "int8") -> the manifest's `weights` entry."""
+    from specdec.export.nbits import BLOCK, quantize_graph, round_to_nearest
+
+    if weights == "auto":
+        from specdec.export.gguf_weights import FLOAT_TYPES, GgufWeights
+
+        source = GgufWeights(Path(model).expanduser()).find
+        return {"kind": "gguf", **quantize_graph(path, source, activations, floats=FLOAT_TYPES)}
+    bits = int(weights[3:])
+
+    def source(weight_t):
+        return ("", round_to_nearest(weight_t, bits), weights) if weight_t.shape[1] % BLOCK == 0 else None
+
+    return {"kind": weights, **quantize_graph(path, source, activations)}
 
 
 def _load(model: str, dtype: str):
