@@ -40,6 +40,10 @@ class SpeculativeDecoder:
     ):
         if strategy.needs_draft and draft is None:
             raise SpecdecError(f"strategy {strategy.name!r} needs a draft model")
+        if target.rows_interact and strategy.name != "ar":
+            raise SpecdecError(f"this target computes each token with numbers that depend on the other tokens of its forward "
+                               f"({target.rows_interact}), so verifying a draft cannot be lossless; run it with strategy ar, "
+                               f"or use a target without that setting for {strategy.name!r}")
         if draft is not None and draft.vocab_size != target.vocab_size:
             raise SpecdecError(
                 f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} "

@@ -225,4 +225,48 @@ def test_a_llama_cpp_mismatch_with_ar_is_reported_but_expected(repo_mirror, monk
     result.samples["llama-cpp"] = [[[Sample([1, 2, 3], 0.1, [], None) for _ in turns] for turns in result.samples["ar"][0]]]
     run = summarise(result)["runs"][-1]
     assert run["outputs_match_ar"] is False and run["expected_to_match_ar"] is False
+    assert 0 <= run["agreement_with_ar"] < 1 and summarise(result)["runs"][0]["agreement_with_ar"] == 1.0
     assert all(r["expected_to_match_ar"] for r in summarise(result)["runs"][:-1])
+
+
+def profile_script():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("profile_llama_cpp", Path(__file__).resolve().parents[1] / "scripts" / "profile_llama_cpp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_llama_cpp_profile_script_times_q_tokens_over_c_cached(monkeypatch, capsys):
+    """scripts/profile_llama_cpp.py: each forward starts from C cached entries and evaluates Q tokens."""
+    import sys
+    import types
+
+    evaluated = []
+
+    class Llama:
+        def __init__(self, model_path, **kwargs):
+            self.n_tokens, self.kwargs = 0, kwargs
+
+        def reset(self):
+            self.n_tokens = 0
+
+        def eval(self, tokens):
+            evaluated.append((self.n_tokens, len(tokens)))
+            self.n_tokens += len(tokens)
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=Llama))
+    assert profile_script().main(["m.gguf", "--queries", "1,4", "--contexts", "8", "--threads", "2", "--repeats", "2"]) == 0
+    assert evaluated == [(0, 8)] + [(8, 1)] * 3 + [(8, 4)] * 3  # the context once, then a warm-up and 2 repeats per Q
+    out = capsys.readouterr().out
+    assert "over 8 cached entries" in out and "t(Q)/t(1)" in out
+
+
+def test_the_llama_cpp_profile_script_without_the_extra_is_one_line(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    assert profile_script().main(["m.gguf"]) == 2
+    assert capsys.readouterr().err.strip() == "error: this script needs llama-cpp-python: pip install 'specdec[llamacpp]'"

@@ -44,6 +44,9 @@ class Backend(ABC):
     features: torch.Tensor | None = None
     returns_features: ClassVar[bool] = False  # whether `request_features` works on this backend
     num_layers: int = 0  # decoder layers, where known
+    # why a token's logits depend on the other tokens in the same forward (not just on its ancestors),
+    # or "" if they do not: speculation is lossless only on a target whose rows do not interact
+    rows_interact: str = ""
 
     @classmethod
     @abstractmethod

@@ -127,6 +127,8 @@ class OnnxContractBackend(TimedForwards, Backend):
         self.manifest = manifest
         self.folder: Path | None = None  # the export's folder, where `load` knows it (input_embedding)
         self.num_layers = manifest["layers"]
+        if manifest.get("weights", {}).get("accuracy") == "int8":  # measured: docs/export.md#quantized-gguf-weights
+            self.rows_interact = "onnxruntime's int8-activation kernels give a token other numbers when other tokens share its forward"
         self._feature_columns: torch.Tensor | None = None  # [F] of the features output, once requested
         self.vocab_size = manifest["vocab_size"]
         self.max_length = manifest["context"]

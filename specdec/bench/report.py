@@ -45,6 +45,7 @@ def summarise(result: BenchResult) -> dict:
             "merged_share": total.merged_share if total and total.merged_hits else None,
             "outputs_match_ar": (not mismatches) if result.greedy else None,
             "expected_to_match_ar": method.exact,
+            "agreement_with_ar": _agreement(_outputs(samples), ar_tokens) if result.greedy else None,
             "mismatched_prompts": [result.questions[q].question_id for q in mismatches] if result.greedy else [],
         })
     return {"device": device_description(), "versions": versions(), "settings": _settings(result), "runs": runs}
@@ -73,6 +74,17 @@ def _tokens_per_second(repeats: list[list[list]]) -> float:
 
 def _outputs(repeats) -> list[list[list[int]]]:
     return [[s.token_ids for s in turns] for turns in repeats[0]]
+
+
+def _agreement(outputs: list[list[list[int]]], reference: list[list[list[int]]]) -> float:
+    """The share of ar's tokens that a method's output reproduces before it first differs, over
+    every prompt turn (1.0: identical). A later turn follows each method's own earlier answers."""
+    matched = total = 0
+    for turns, ar_turns in zip(outputs, reference):
+        for tokens, ar in zip(turns, ar_turns):
+            same = next((i for i, (a, b) in enumerate(zip(tokens, ar)) if a != b), min(len(tokens), len(ar)))
+            matched, total = matched + same, total + len(ar)
+    return matched / total if total else 1.0
 
 
 def _merge(metrics: list[GenerationMetrics]) -> GenerationMetrics:
@@ -149,7 +161,8 @@ def markdown(report: dict) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["runs"]:
-        match = {True: "yes", False: "**NO**" if r["expected_to_match_ar"] else "no (other kernels)", None: "-"}[r["outputs_match_ar"]]
+        other = f"no: {r['agreement_with_ar']:.0%} agreement (other kernels)" if r["agreement_with_ar"] is not None else "no"
+        match = {True: "yes", False: "**NO**" if r["expected_to_match_ar"] else other, None: "-"}[r["outputs_match_ar"]]
         lines.append(
             f"| {r['name']} | {r['strategy']} | {r['backend']} | {r['tokens_per_second']:.1f} | "
             f"{_cell(r['speedup_vs_ar'], '.2f')}x | {_cell(r['mean_accepted_length'], '.2f')} | "
