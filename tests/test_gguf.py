@@ -41,7 +41,8 @@ def permute(weights, n_head, n_head_kv):
 def write_gguf(path, model, float_type="F32", tokenizer=False, quant: str | None = None):
     """`model` (a Llama) as llama.cpp would write it; with F16, 2-D weights are F16 and norms F32;
     with `quant` (a ggml block type such as Q4_1), 2-D weights are stored in it, the embedding and
-    output in Q8_0 as llama.cpp's quantize leaves them."""
+    output in Q8_0 as llama.cpp's quantize leaves them. gguf cannot quantize to Q4_K: with it, the
+    linear weights become random Q4_K blocks (the file then defines the model)."""
     c = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(c.num_hidden_layers)
@@ -70,12 +71,24 @@ def write_gguf(path, model, float_type="F32", tokenizer=False, quant: str | None
             tensors[f"blk.{i}.{gguf_name}.weight"] = weights
     tensors |= {"output_norm.weight": state["model.norm.weight"], "output.weight": state["lm_head.weight"]}
     for name, weights in tensors.items():
+        if quant == "Q4_K" and weights.ndim == 2 and name.startswith("blk."):
+            writer.add_tensor(name, random_q4_k(*weights.shape), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+            continue
         if quant and weights.ndim == 2:
             qtype = gguf.GGMLQuantizationType["Q8_0" if name in ("token_embd.weight", "output.weight") else quant]
             writer.add_tensor(name, gguf.quants.quantize(weights.astype(np.float32), qtype), raw_dtype=qtype)
             continue
         writer.add_tensor(name, weights.astype(np.float16 if float_type == "F16" and weights.ndim == 2 else np.float32))
     return finish(writer, path)
+
+
+def random_q4_k(rows: int, columns: int, seed: int = 0) -> np.ndarray:
+    """Q4_K blocks [rows, columns / 256 x 144 bytes] of random quants, scales and minimums (any 12
+    bytes are valid packed 6-bit scales and minimums), with small d and dmin."""
+    raw = np.random.default_rng(seed).integers(0, 256, (rows, columns // 256, 144), dtype=np.uint8)
+    raw[..., 0:2] = np.array([0.002], np.float16).view(np.uint8)
+    raw[..., 2:4] = np.array([0.004], np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
 
 
 def finish(writer, path):

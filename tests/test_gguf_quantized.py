@@ -52,6 +52,21 @@ def test_blocks_are_the_files_own_values(qtype):
     assert blocks.q.max() < 2**blocks.bits and blocks.packed().shape == (6, 4, BLOCK * blocks.bits // 8)
 
 
+def test_q4_k_blocks_are_the_files_own_values():
+    """gguf cannot write Q4_K, so random bytes stand in for a file's (any 12 bytes are valid packed
+    6-bit scales and minimums): the blocks give what gguf's own dequantization gives."""
+    raw = np.random.default_rng(2).integers(0, 256, (3, 2 * 144), dtype=np.uint8).reshape(3, 2, 144)
+    raw[..., 0:2] = np.array([0.01], np.float16).view(np.uint8)  # d
+    raw[..., 2:4] = np.array([0.02], np.float16).view(np.uint8)  # dmin
+    raw = raw.reshape(3, -1)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K)  # [3, 512]
+    blocks = decode("Q4_K", raw, 3)
+    q = blocks.q.reshape(3, -1, BLOCK).astype(np.float32)
+    got = (q * blocks.scales[..., None] + blocks.minimums[..., None]).reshape(3, -1)
+    np.testing.assert_allclose(got, want, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(want).max())
+    assert blocks.bits == 4 and not blocks.zero_points.any() and want.std() > 0
+
+
 def test_nibbles_are_repacked_in_matmulnbits_order():
     """ggml keeps weight j and j + 16 in byte j; MatMulNBits wants weights 2i and 2i + 1 in byte i."""
     weights = np.arange(BLOCK, dtype=np.float32)[None].repeat(2, 0) / 4  # q = j exactly in Q4_1... up to d
@@ -73,11 +88,13 @@ def quantized(tmp_path_factory):
     return path, exports, dequantized
 
 
-@pytest.mark.parametrize("qtype, activations, blocks", [("Q4_0", "float32", 14), ("Q8_0", "int8", 15)])
-def test_q4_0_and_q8_0_files_export_quantized(qtype, activations, blocks, tmp_path):
-    """Q4_0 with float32 activations: the dequantized model within float tolerance. Q8_0 (8-bit
-    blocks, which need int8 activations): close to the dequantized model, decoded by ar."""
-    path = write_gguf(tmp_path / f"tiny-{qtype}.gguf", tiny_model("llama", 0), quant=qtype)
+@pytest.mark.parametrize("qtype, activations, blocks", [("Q4_0", "float32", 14), ("Q4_K", "float32", 14), ("Q8_0", "int8", 15)])
+def test_q4_0_q4_k_and_q8_0_files_export_quantized(qtype, activations, blocks, tmp_path):
+    """Q4_0 and Q4_K (K a multiple of 256: hidden size 256) with float32 activations: the
+    dequantized model within float tolerance. Q8_0 (8-bit blocks, which need int8 activations):
+    close to the dequantized model, decoded by ar."""
+    model = tiny_model("llama", 0, hidden=256) if qtype == "Q4_K" else tiny_model("llama", 0)
+    path = write_gguf(tmp_path / f"tiny-{qtype}.gguf", model, quant=qtype)
     folder = export_onnx(str(path), tmp_path / "onnx", activations=activations)
     assert sum(json.loads((folder / "specdec_export.json").read_text())["weights"]["quantized"].values()) == blocks
     if activations == "float32":
@@ -202,7 +219,7 @@ def test_a_type_matmulnbits_cannot_express_stays_float_in_one_line(quantized, tm
     with caplog.at_level(logging.WARNING, logger="specdec.export.nbits"):
         folder = export_onnx(str(path), tmp_path / "onnx", activations="int8")
     lines = [r.getMessage() for r in caplog.records if r.name == "specdec.export.nbits"]
-    assert lines == ["output.weight is Q8_0, which MatMulNBits cannot express: kept as float32 in the graph"]
+    assert lines == ["output.weight is Q8_0, which this export does not convert to MatMulNBits: kept as float32 in the graph"]
     assert json.loads((folder / "specdec_export.json").read_text())["weights"]["float"] == {"Q8_0": 1}
     backend = OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())  # the graph runs, the output as a MatMul
     assert backend.prefill(torch.tensor([PROMPT])).shape == (1, 96)

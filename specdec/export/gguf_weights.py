@@ -10,11 +10,14 @@ own numbers (ggml-common.h block layouts):
 | Q5_0 | d: f16, qh: 4 bytes, qs: 16 bytes | d (q - 16) | 8 bits, scale d, zero point 16 |
 | Q5_1 | d, m: f16, qh: 4 bytes, qs: 16 bytes | d q + m | 8 bits, scale d, zero point 0, minimum m |
 | Q8_0 | d: f16, qs: 32 x int8 | d q | 8 bits, q + 128, scale d, zero point 128 |
+| Q4_K | 256 weights: d, dmin: f16, 8 x 6-bit (sc, m), qs: 128 bytes | d sc q - dmin m per 32 | 4 bits, scale d sc, zero point 0, minimum -dmin m |
 
 In qs byte j holds weight j (low nibble) and weight j + 16 (high nibble); a Q5 weight j's fifth
 bit is bit j of qh. MatMulNBits wants weight 2i in the low nibble of byte i, so 4-bit blocks are
-repacked (values unchanged); 5-bit ones are stored at 8 bits. Other types (K-quants, IQ formats)
-stay float in the graph, each named in one log line.
+repacked (values unchanged); 5-bit ones are stored at 8 bits. In a Q4_K block each 32 bytes of qs
+hold two sub-blocks (low nibbles, then high), and sub-block j's 6-bit scale and minimum are packed in
+12 bytes (ggml's get_scale_min_k4). Other types (Q5_K, Q6_K, Q2_K, Q3_K, IQ formats) stay float in
+the graph, each named in one log line.
 """
 
 from __future__ import annotations
@@ -70,6 +73,17 @@ def decode(type_name: str, raw: np.ndarray, rows: int) -> Blocks | None:
         blocks = raw.reshape(rows, -1, 24)
         q = _nibbles(blocks[..., 8:]) | _fifth_bits(blocks[..., 4:8])
         return _with_minimum(8, q, _half(blocks, 0), _half(blocks, 2), rows)
+    if type_name == "Q4_K":
+        blocks = raw.reshape(rows, -1, 144)
+        d, dmin = _half(blocks, 0)[..., None], _half(blocks, 2)[..., None]  # [N, K / 256, 1]
+        packed = blocks[..., 4:16]  # [N, K / 256, 12]
+        low, high = packed[..., 0:4], packed[..., 4:8]
+        scales = np.concatenate([low & 63, (packed[..., 8:12] & 0x0F) | ((low >> 6) << 4)], axis=-1)  # [.., 8]
+        minimums = np.concatenate([high & 63, (packed[..., 8:12] >> 4) | ((high >> 6) << 4)], axis=-1)
+        qs = blocks[..., 16:].reshape(rows, -1, 4, 32)
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [N, K / 256, 4, 64]: sub-blocks 2k, 2k + 1
+        return Blocks(4, q.reshape(rows, -1), (d * scales).reshape(rows, -1), np.zeros((rows, q.size // rows // BLOCK), np.uint8),
+                      -(dmin * minimums).reshape(rows, -1))
     if type_name == "Q8_0":
         blocks = raw.reshape(rows, -1, 34)
         d = _half(blocks, 0)

@@ -117,7 +117,7 @@ def quantize_graph(onnx_path: Path, source: WeightSource, accuracy: str = "float
         name, blocks, type_name = found
         if blocks is None or (blocks.bits == 8 and accuracy == "float32"):
             if type_name not in floats:
-                why = "MatMulNBits cannot express" if blocks is None else NO_FAST_KERNEL
+                why = "this export does not convert to MatMulNBits" if blocks is None else NO_FAST_KERNEL
                 logger.warning("%s is %s, which %s: kept as float32 in the graph", name, type_name, why)
             kept[type_name] += 1
             nodes.append(node)
