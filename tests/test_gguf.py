@@ -41,8 +41,8 @@ def permute(weights, n_head, n_head_kv):
 def write_gguf(path, model, float_type="F32", tokenizer=False, quant: str | None = None):
     """`model` (a Llama) as llama.cpp would write it; with F16, 2-D weights are F16 and norms F32;
     with `quant` (a ggml block type such as Q4_1), 2-D weights are stored in it, the embedding and
-    output in Q8_0 as llama.cpp's quantize leaves them. gguf cannot quantize to Q4_K: with it, the
-    linear weights become random Q4_K blocks (the file then defines the model)."""
+    output in Q8_0 as llama.cpp's quantize leaves them. gguf cannot quantize to K-quants: with one,
+    the linear weights become random blocks of it (the file then defines the model)."""
     c = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(c.num_hidden_layers)
@@ -71,8 +71,8 @@ def write_gguf(path, model, float_type="F32", tokenizer=False, quant: str | None
             tensors[f"blk.{i}.{gguf_name}.weight"] = weights
     tensors |= {"output_norm.weight": state["model.norm.weight"], "output.weight": state["lm_head.weight"]}
     for name, weights in tensors.items():
-        if quant == "Q4_K" and weights.ndim == 2 and name.startswith("blk."):
-            writer.add_tensor(name, random_q4_k(*weights.shape), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+        if quant in K_QUANTS and weights.ndim == 2 and name.startswith("blk."):
+            writer.add_tensor(name, random_k_quant(quant, *weights.shape), raw_dtype=gguf.GGMLQuantizationType[quant])
             continue
         if quant and weights.ndim == 2:
             qtype = gguf.GGMLQuantizationType["Q8_0" if name in ("token_embd.weight", "output.weight") else quant]
@@ -82,12 +82,16 @@ def write_gguf(path, model, float_type="F32", tokenizer=False, quant: str | None
     return finish(writer, path)
 
 
-def random_q4_k(rows: int, columns: int, seed: int = 0) -> np.ndarray:
-    """Q4_K blocks [rows, columns / 256 x 144 bytes] of random quants, scales and minimums (any 12
-    bytes are valid packed 6-bit scales and minimums), with small d and dmin."""
-    raw = np.random.default_rng(seed).integers(0, 256, (rows, columns // 256, 144), dtype=np.uint8)
-    raw[..., 0:2] = np.array([0.002], np.float16).view(np.uint8)
-    raw[..., 2:4] = np.array([0.004], np.float16).view(np.uint8)
+K_QUANTS = {"Q4_K": (144, {0: 0.002, 2: 0.004}), "Q5_K": (176, {0: 0.001, 2: 0.004}), "Q6_K": (210, {208: 0.0005})}
+
+
+def random_k_quant(qtype: str, rows: int, columns: int, seed: int = 0) -> np.ndarray:
+    """K-quant blocks [rows, columns / 256 x bytes] of random quants and packed scales (any bytes
+    are valid), with small f16 d (and dmin)."""
+    size, halves = K_QUANTS[qtype]
+    raw = np.random.default_rng(seed).integers(0, 256, (rows, columns // 256, size), dtype=np.uint8)
+    for at, value in halves.items():
+        raw[..., at : at + 2] = np.array([value], np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
 
 

@@ -52,19 +52,24 @@ def test_blocks_are_the_files_own_values(qtype):
     assert blocks.q.max() < 2**blocks.bits and blocks.packed().shape == (6, 4, BLOCK * blocks.bits // 8)
 
 
-def test_q4_k_blocks_are_the_files_own_values():
-    """gguf cannot write Q4_K, so random bytes stand in for a file's (any 12 bytes are valid packed
-    6-bit scales and minimums): the blocks give what gguf's own dequantization gives."""
-    raw = np.random.default_rng(2).integers(0, 256, (3, 2 * 144), dtype=np.uint8).reshape(3, 2, 144)
-    raw[..., 0:2] = np.array([0.01], np.float16).view(np.uint8)  # d
-    raw[..., 2:4] = np.array([0.02], np.float16).view(np.uint8)  # dmin
+@pytest.mark.parametrize("qtype, size, halves, bits, block", [
+    ("Q4_K", 144, {0: 0.01, 2: 0.02}, 4, 32), ("Q5_K", 176, {0: 0.01, 2: 0.02}, 8, 32), ("Q6_K", 210, {208: 0.01}, 8, 16),
+])
+def test_k_quant_blocks_are_the_files_own_values(qtype, size, halves, bits, block):
+    """gguf cannot write K-quants, so random bytes stand in for a file's (any bytes are valid
+    quants and packed scales; the f16 d / dmin are set): the blocks give what gguf's own
+    dequantization gives."""
+    raw = np.random.default_rng(2).integers(0, 256, (3, 2, size), dtype=np.uint8)
+    for at, value in halves.items():
+        raw[..., at : at + 2] = np.array([value], np.float16).view(np.uint8)
     raw = raw.reshape(3, -1)
-    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K)  # [3, 512]
-    blocks = decode("Q4_K", raw, 3)
-    q = blocks.q.reshape(3, -1, BLOCK).astype(np.float32)
-    got = (q * blocks.scales[..., None] + blocks.minimums[..., None]).reshape(3, -1)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])  # [3, 512]
+    blocks = decode(qtype, raw, 3)
+    q = blocks.q.reshape(3, -1, blocks.block).astype(np.float32) - blocks.zero_points[..., None]
+    minimums = 0 if blocks.minimums is None else blocks.minimums[..., None]
+    got = (q * blocks.scales[..., None] + minimums).reshape(3, -1)
     np.testing.assert_allclose(got, want, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(want).max())
-    assert blocks.bits == 4 and not blocks.zero_points.any() and want.std() > 0
+    assert (blocks.bits, blocks.block) == (bits, block) and blocks.q.max() < 2**bits and want.std() > 0
 
 
 def test_nibbles_are_repacked_in_matmulnbits_order():
@@ -88,12 +93,14 @@ def quantized(tmp_path_factory):
     return path, exports, dequantized
 
 
-@pytest.mark.parametrize("qtype, activations, blocks", [("Q4_0", "float32", 14), ("Q4_K", "float32", 14), ("Q8_0", "int8", 15)])
-def test_q4_0_q4_k_and_q8_0_files_export_quantized(qtype, activations, blocks, tmp_path):
-    """Q4_0 and Q4_K (K a multiple of 256: hidden size 256) with float32 activations: the
-    dequantized model within float tolerance. Q8_0 (8-bit blocks, which need int8 activations):
-    close to the dequantized model, decoded by ar."""
-    model = tiny_model("llama", 0, hidden=256) if qtype == "Q4_K" else tiny_model("llama", 0)
+@pytest.mark.parametrize("qtype, activations, blocks", [
+    ("Q4_0", "float32", 14), ("Q4_K", "float32", 14), ("Q8_0", "int8", 15), ("Q5_K", "int8", 15), ("Q6_K", "int8", 15),
+])
+def test_each_file_type_exports_quantized(qtype, activations, blocks, tmp_path):
+    """Q4_0 and Q4_K (K-quants: hidden size 256) with float32 activations: the dequantized model
+    within float tolerance. 8-bit blocks (Q8_0; Q5_K; Q6_K, in blocks of 16), which need int8
+    activations: close to the dequantized model, decoded by ar."""
+    model = tiny_model("llama", 0, hidden=256) if qtype.endswith("_K") else tiny_model("llama", 0)
     path = write_gguf(tmp_path / f"tiny-{qtype}.gguf", model, quant=qtype)
     folder = export_onnx(str(path), tmp_path / "onnx", activations=activations)
     assert sum(json.loads((folder / "specdec_export.json").read_text())["weights"]["quantized"].values()) == blocks

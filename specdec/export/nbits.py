@@ -33,24 +33,25 @@ NO_FAST_KERNEL = "onnxruntime has no float32-activation kernel for 8-bit blocks 
 
 @dataclass
 class Blocks:
-    """One weight [N, K] in MatMulNBits form: q [N, K] (0 .. 2^bits - 1); per block [N, K / BLOCK]
-    a scale, a uint8 zero point and, for formats with one, a minimum:
-    w = (q - zero_point) * scale + minimum."""
+    """One weight [N, K] in MatMulNBits form: q [N, K] (0 .. 2^bits - 1); per block of `block`
+    weights along K ([N, K / block]) a scale, a uint8 zero point and, for formats with one, a
+    minimum: w = (q - zero_point) * scale + minimum."""
 
     bits: int
     q: np.ndarray
     scales: np.ndarray
     zero_points: np.ndarray
     minimums: np.ndarray | None = None
+    block: int = BLOCK
 
     def rows(self, order: np.ndarray) -> Blocks:
         pick = lambda a: None if a is None else a[order]  # noqa: E731
-        return Blocks(self.bits, self.q[order], self.scales[order], self.zero_points[order], pick(self.minimums))
+        return Blocks(self.bits, self.q[order], self.scales[order], self.zero_points[order], pick(self.minimums), self.block)
 
     def packed(self) -> np.ndarray:
-        """B [N, K / BLOCK, BLOCK * bits / 8] uint8; 4 bits: weight 2i in the low nibble of byte i."""
+        """B [N, K / block, block * bits / 8] uint8; 4 bits: weight 2i in the low nibble of byte i."""
         rows, k = self.q.shape
-        q = self.q.reshape(rows, k // BLOCK, BLOCK)
+        q = self.q.reshape(rows, k // self.block, self.block)
         if self.bits == 8:
             return np.ascontiguousarray(q)
         return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
@@ -165,11 +166,11 @@ def _weight_t(graph, node) -> tuple[str, np.ndarray] | None:
     return name, weight.T if transposed else weight
 
 
-def matmul_nbits(node, weight_name: str, blocks: Blocks, accuracy_level: int, block_sums: dict[str, str]) -> tuple[list, list]:
+def matmul_nbits(node, weight_name: str, blocks: Blocks, accuracy_level: int, block_sums: dict) -> tuple[list, list]:
     """The nodes and initializers that replace MatMul `node` (A [B, Q, K] x W [K, N]) by `blocks`:
     MatMulNBits, plus for blocks with minimums: + (A summed per block [B, Q, K / 32]) x M^T. The
-    block sums of an input are computed once (`block_sums`: input name -> their name; the Q, K
-    and V products share one input, as do gate and up)."""
+    block sums of an input are computed once (`block_sums`: (input name, block) -> their name; the
+    Q, K and V products share one input, as do gate and up)."""
     from onnx import helper, numpy_helper
 
     rows, k = blocks.q.shape
@@ -178,14 +179,14 @@ def matmul_nbits(node, weight_name: str, blocks: Blocks, accuracy_level: int, bl
               f"{name}_zero_points": blocks.packed_zero_points()}
     product = list(node.output) if blocks.minimums is None else [f"{name}_product"]
     nodes = [helper.make_node("MatMulNBits", [node.input[0], *arrays], product, name=name, domain="com.microsoft",
-                              K=k, N=rows, bits=blocks.bits, block_size=BLOCK, accuracy_level=accuracy_level)]
+                              K=k, N=rows, bits=blocks.bits, block_size=blocks.block, accuracy_level=accuracy_level)]
     if blocks.minimums is not None:
-        source = node.input[0]
+        source = node.input[0], blocks.block
         if source not in block_sums:
-            block_sums[source] = sums = f"{source}_block_sums"
-            arrays[f"{sums}_shape"] = np.array([0, 0, k // BLOCK, BLOCK], np.int64)  # 0: keep that dim
+            block_sums[source] = sums = f"{source[0]}_block_sums_{blocks.block}"
+            arrays[f"{sums}_shape"] = np.array([0, 0, k // blocks.block, blocks.block], np.int64)  # 0: keep that dim
             arrays[f"{sums}_axis"] = np.array([-1], np.int64)
-            nodes += [helper.make_node("Reshape", [source, f"{sums}_shape"], [f"{sums}_blocks"]),
+            nodes += [helper.make_node("Reshape", [source[0], f"{sums}_shape"], [f"{sums}_blocks"]),
                       helper.make_node("ReduceSum", [f"{sums}_blocks", f"{sums}_axis"], [sums], keepdims=0)]
         arrays[f"{name}_minimums"] = np.ascontiguousarray(blocks.minimums.T, np.float32)  # [K / 32, N]
         nodes += [
