@@ -27,7 +27,7 @@ class LayerInputs:
         stack = decoder_layers(self._model)
         bad = [i for i in layers if not 0 <= i < len(stack)]
         if bad:
-            raise SpecdecError(f"the draft reads target layer {bad[0]}, but the target has {len(stack)} layers")
+            raise SpecdecError(f"features of decoder layer {bad[0]} were asked for, but the model has {len(stack)} layers (0 .. {len(stack) - 1})")
         for index in sorted(set(layers) - set(self._inputs)):
             stack[index].register_forward_pre_hook(self._keep(index), with_kwargs=True)
             self._inputs[index] = None

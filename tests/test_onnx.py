@@ -163,3 +163,10 @@ def test_device_cuda_without_a_cuda_torch_is_one_line(exports, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SpecdecError, match=r"device 'cuda' needs a CUDA GPU.*use device: cpu"):
         OnnxRuntimeBackend.load(str(exports["llama"][1]), OnnxRuntimeOptions(device="cuda"))
+
+
+def test_feature_layers_the_model_lacks_are_one_line(exports, tmp_path):
+    source, _ = exports["llama"]
+    with pytest.raises(SpecdecError, match=r"features of decoder layer 7 were asked for, but the model has 2 layers \(0 \.\. 1\)"):
+        export_onnx(str(source), tmp_path / "out", feature_layers=(0, 7))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
