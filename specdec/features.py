@@ -23,6 +23,14 @@ class LayerInputs:
         self._model = model
         self._inputs: dict[int, torch.Tensor | None] = {}  # watched layer -> its input [B, Q, H]
 
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> LayerInputs:
+        """The model's one LayerInputs: backends sharing a model share its hooks instead of adding
+        a hook per backend."""
+        if not hasattr(model, "_specdec_layer_inputs"):
+            model._specdec_layer_inputs = cls(model)
+        return model._specdec_layer_inputs
+
     def watch(self, layers: tuple[int, ...]) -> None:
         stack = decoder_layers(self._model)
         bad = [i for i in layers if not 0 <= i < len(stack)]

@@ -396,3 +396,12 @@ def test_an_onnx_target_without_the_heads_features_is_one_line(exported, message
     with pytest.raises(SpecdecError) as err:
         SpeculativeDecoder.from_config(load_config(data=data))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_backends_sharing_a_model_share_its_feature_hooks():
+    model = tiny_model("llama", 3, layers=LAYERS)
+    for _ in range(3):
+        PyTorchBackend(model).request_features(AUX)
+    from specdec.features import decoder_layers
+
+    assert [len(layer._forward_pre_hooks) for layer in decoder_layers(model)] == [1 if i in AUX else 0 for i in range(LAYERS)]

@@ -58,7 +58,7 @@ class PyTorchBackend(TimedForwards, Backend):
         self._pending = 0
         self.clock = ForwardClock(self.device)
         self._feature_layers: tuple[int, ...] = ()  # whose inputs make `features` (request_features)
-        self._layer_inputs = LayerInputs(self.model)
+        self._layer_inputs = LayerInputs.of(self.model)
         self.fixed = None
         if fixed_context is not None:
             self.max_length = min(self.max_length, fixed_context - HEADROOM)
