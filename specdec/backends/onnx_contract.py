@@ -7,8 +7,8 @@ Contract (specdec/export/onnx_graph.py): inputs input_ids, position_ids [1, Q], 
 [1, 1, Q, C + Q] bool, past_key_values.{i}.key/value [1, H_kv, C, D]: a buffer of capacity C whose
 slots the mask hides are ignored; outputs logits [1, Q, V], present.{i}.key/value [1, H_kv, Q, D]
 (the new entries only) and, from format 3, features [1, Q, F] unless exported without (the hidden
-states entering the manifest's `feature_layers`, for EAGLE-3 drafts). The export layer uses backends, never the reverse: exports made on first use
-come from specdec.export.prepare.
+states entering the manifest's `feature_layers`, for EAGLE-3 drafts). The export layer uses
+backends, never the reverse: exports made on first use come from specdec.export.prepare.
 """
 
 from __future__ import annotations
@@ -192,8 +192,9 @@ class OnnxContractBackend(TimedForwards, Backend):
             causal = torch.ones(length, length, dtype=torch.bool).tril_()[None]
             logits = self.forward(chunk, torch.arange(self._committed, self._committed + length)[None], causal)
             self.commit(list(range(length)))
-            features.append(self.features)
-        if self._feature_columns is not None:
+            if self._feature_columns is not None:
+                features.append(self.features)
+        if features:
             self.features = torch.cat(features)  # [L, F], every prompt position
         return logits[:, -1]
 
