@@ -105,8 +105,10 @@ def quantize_graph(onnx_path: Path, source: WeightSource, accuracy: str = "float
     graph = model.graph
     quantized, kept = Counter(), Counter()
     nodes, block_sums = [], {}
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {output: n for n in graph.node for output in n.output}
     for node in graph.node:
-        weight_t = _weight_t(graph, node) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        weight_t = _weight_t(node, initializers, producers) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if weight_t is None:
             nodes.append(node)
             continue
@@ -144,17 +146,17 @@ def quantize_graph(onnx_path: Path, source: WeightSource, accuracy: str = "float
     return {"accuracy": accuracy, "quantized": dict(quantized), "float": dict(kept)}
 
 
-def _weight_t(graph, node) -> tuple[str, np.ndarray] | None:
+def _weight_t(node, initializers: dict, producers: dict) -> tuple[str, np.ndarray] | None:
     """The float32 weight of MatMul `node` as W^T [N, K], with its initializer's name: an
     initializer [K, N] (a Linear's weight, transposed when exported), or the Transpose of one
-    [N, K] (a weight tied to the embedding) -> None for any other second input."""
+    [N, K] (a weight tied to the embedding) -> None for any other second input. `initializers`:
+    name -> tensor; `producers`: output name -> the node that makes it."""
     import onnx
     from onnx import numpy_helper
 
-    initializers = {t.name: t for t in graph.initializer}
     name, transposed = node.input[1], True
     if name not in initializers:
-        producer = next((n for n in graph.node if name in n.output), None)
+        producer = producers.get(name)
         perm = next((list(a.ints) for a in producer.attribute if a.name == "perm"), [1, 0]) if producer is not None else None
         if producer is None or producer.op_type != "Transpose" or perm != [1, 0]:
             return None
