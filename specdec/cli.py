@@ -134,6 +134,46 @@ def bench(configs, prompts, baselines, out, overrides, repeats, warmup, max_new_
         raise SpecdecError(f"greedy outputs differ from ar for: {', '.join(bad)} (see report.json)")
 
 
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--prompts", type=click.Path(dir_okay=False), help="Spec-Bench question JSONL (default: benchmarks/prompts/code.jsonl)")
+@click.option("--chat", is_flag=True, help="send each turn as a user message through the target's chat template")
+@click.option("--limit", type=click.IntRange(1), help="use only the first N prompts")
+@click.option("--max-new-tokens", type=click.IntRange(1), help="overrides generation.max_new_tokens")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a config key; a list value sweeps it, e.g. -o strategy.max_out_degree=[2,4,8]")
+@click.option("--temperatures", default="0,0.6", show_default=True, help="comma-separated temperatures to run at")
+@click.option("--windows", default="0,1,2,3", show_default=True,
+              help="comma-separated n-gram windows w (preceding tokens) for the re-occurring n-gram share")
+@click.option("--bins", default=10, show_default=True, type=click.IntRange(1, 100), help="draft probability bins")
+@click.option("--out", default="out/analyze", show_default=True, type=click.Path(file_okay=False), help="output folder")
+def analyze(config, prompts, chat, limit, max_new_tokens, overrides, temperatures, windows, bins, out):
+    """Measure what GSD's and DySpec's papers measure: re-occurring n-grams, merged share, and
+    acceptance by draft probability, per step of CONFIG's generations."""
+    from pathlib import Path
+
+    from specdec.bench.analyze import AnalyzeSettings, analyze, markdown, write_outputs
+
+    settings = AnalyzeSettings(config, list(overrides), prompts, limit, max_new_tokens, chat,
+                               _numbers(temperatures, "--temperatures", float, 0), _numbers(windows, "--windows", int, 0), bins)
+    report = analyze(settings)
+    written = write_outputs(report, Path(out))
+    click.echo(markdown(report), nl=False)
+    click.echo(f"wrote {out}/: {', '.join(written)}", err=True)
+
+
+def _numbers(value: str, name: str, kind=int, least: float = 1):
+    """A comma-separated list of numbers, each >= `least` (a one-line error otherwise)."""
+    what = "whole numbers" if kind is int else "numbers"
+    try:
+        numbers = [kind(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated {what}, e.g. 1,4,16; got {value!r}", param_hint=name) from None
+    if not numbers or min(numbers) < least:
+        raise click.BadParameter(f"expected {what} >= {least:g}; got {value!r}", param_hint=name)
+    return numbers
+
+
 def _layer_list(value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -233,16 +273,6 @@ def distill(target, out, prompts, limit, head, ttt_steps, layers, init, draft_vo
                f"(untrained {summary['untrained_top1_agreement']:.3f}) in {summary['wall_minutes']:.1f} min", err=True)
 
 
-def _ints(value: str, name: str) -> list[int]:
-    try:
-        numbers = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated whole numbers, e.g. 1,4,16; got {value!r}", param_hint=name) from None
-    if not numbers or min(numbers) < 1:
-        raise click.BadParameter(f"expected whole numbers >= 1; got {value!r}", param_hint=name)
-    return numbers
-
-
 def _models(config, which: str):
     """[(role, spec, backend)] of a config's target and draft (`which`: target, draft or both)."""
     from specdec.decoder import load_backend
@@ -274,7 +304,7 @@ def profile(config, queries, contexts, repeats, breakdown_q, which, overrides):
     from specdec.costs import measure_curve
     from specdec.profile import breakdown, breakdown_table, curve_table
 
-    queries, contexts = _ints(queries, "--queries"), _ints(contexts, "--contexts")
+    queries, contexts = _numbers(queries, "--queries"), _numbers(contexts, "--contexts")
     for role, spec, backend in _models(load_config(config, list(overrides)), which):
         click.echo(f"{role}: {spec.model} on {spec.backend} ({backend.device})")
         click.echo(curve_table(measure_curve(backend, queries, contexts, repeats)))

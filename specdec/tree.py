@@ -41,6 +41,8 @@ class DraftTree:
     dag_node: torch.Tensor | None = None  # [N] int64 (GSD: DAG node each unrolled node came from)
     merged: list[bool] | None = None  # [N] (GSD: node reached through a merged edge of the DAG)
     fixed: list[bool] | None = None  # [N] node chosen deterministically (hybrid: n-gram lookup), not drawn
+    node_probs: torch.Tensor | None = None  # [N] float: draft probability of each node's token under its
+    #   parent's proposal (nan for the root and fixed nodes); what `specdec analyze` bins acceptance by
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -28,7 +28,7 @@ def summarise(result: BenchResult) -> dict:
         samples = result.samples[method.name]
         tps = _tokens_per_second(samples)
         metrics = [s.metrics for s in _flat(samples[0]) if s.metrics is not None]
-        total = _merge(metrics) if metrics else None
+        total = merge_metrics(metrics) if metrics else None
         step = total.step_seconds if total else 0.0
         mismatches = [q for q, (a, b) in enumerate(zip(_outputs(samples), ar_tokens)) if a != b]
         runs.append({
@@ -37,6 +37,8 @@ def summarise(result: BenchResult) -> dict:
             "mean_accepted_length": total.mean_accepted_length if total else None,
             "target_forwards": total.target_forwards / len(metrics) if total else None,
             "draft_forwards_per_step": total.draft_forwards / total.steps if total and total.steps else None,
+            "drafted_nodes_per_step": total.drafted_nodes / total.steps if total and total.steps else None,
+            "dag_nodes_per_step": total.dag_nodes / total.steps if total and total.steps else None,
             "draft_time_share": total.draft_forward_seconds / step if step else None,
             "verify_time_share": total.target_forward_seconds / step if step else None,
             "other_time_share": total.outside_forward_share if step else None,
@@ -56,7 +58,7 @@ def _tau_by_category(questions, per_question: list[list]) -> dict[str, float]:
     grouped: dict[str, list[GenerationMetrics]] = {}
     for question, turns in zip(questions, per_question):
         grouped.setdefault(question.category or "-", []).extend(s.metrics for s in turns if s.metrics is not None)
-    return {category: _merge(metrics).mean_accepted_length for category, metrics in grouped.items() if metrics}
+    return {category: merge_metrics(metrics).mean_accepted_length for category, metrics in grouped.items() if metrics}
 
 
 def _flat(per_question: list[list]) -> list:
@@ -87,7 +89,7 @@ def _agreement(outputs: list[list[list[int]]], reference: list[list[list[int]]])
     return matched / total if total else 1.0
 
 
-def _merge(metrics: list[GenerationMetrics]) -> GenerationMetrics:
+def merge_metrics(metrics: list[GenerationMetrics]) -> GenerationMetrics:
     total = GenerationMetrics()
     for m in metrics:
         for name in ("new_tokens", "target_forwards", "draft_forwards", "steps", "accepted_tokens", "drafted_nodes",
@@ -156,9 +158,9 @@ def markdown(report: dict) -> str:
         f"batch size 1, {'greedy' if s['greedy'] else 'sampling'}, median of {s['repeats']} interleaved repeats "
         f"after {s['warmup']} warm-up; configs {', '.join(s['configs'])}" + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else ""),
         "",
-        "| method | strategy | backend | tokens/s | speedup vs ar | tau | target fwd/prompt | draft fwd/step "
-        "| draft share | verify share | other share | same as ar |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | strategy | backend | tokens/s | speedup vs ar | tau | nodes/step | target fwd/prompt "
+        "| draft fwd/step | draft share | verify share | other share | same as ar |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["runs"]:
         other = f"no: {r['agreement_with_ar']:.0%} agreement (other kernels)" if r["agreement_with_ar"] is not None else "no"
@@ -166,6 +168,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['strategy']} | {r['backend']} | {r['tokens_per_second']:.1f} | "
             f"{_cell(r['speedup_vs_ar'], '.2f')}x | {_cell(r['mean_accepted_length'], '.2f')} | "
+            f"{_cell(r['drafted_nodes_per_step'], '.1f')} | "
             f"{_cell(r['target_forwards'], '.1f')} | {_cell(r['draft_forwards_per_step'], '.2f')} | "
             f"{_cell(r['draft_time_share'], '.0%')} | {_cell(r['verify_time_share'], '.0%')} | "
             f"{_cell(r['other_time_share'], '.0%')} | {match} |"
@@ -178,6 +181,13 @@ def markdown(report: dict) -> str:
             if r["tau_by_category"]:
                 cells = " | ".join(_cell(r["tau_by_category"].get(c), ".2f") for c in categories)
                 lines.append(f"| {r['name']} | {cells} |")
+    merging = [r for r in report["runs"] if r["strategy"] == "gsd"]
+    if merging:
+        lines += ["", "GSD merging (unrolled nodes are verified; DAG nodes are drafted):", "",
+                  "| method | unrolled nodes/step | DAG nodes/step | merged share of accepted tokens |", "|---|---:|---:|---:|"]
+        for r in merging:
+            lines.append(f"| {r['name']} | {_cell(r['drafted_nodes_per_step'], '.1f')} | "
+                         f"{_cell(r['dag_nodes_per_step'], '.1f')} | {_cell(r['merged_share'] or 0.0, '.1%')} |")
     depth = max((len(r["acceptance_by_depth"]) for r in report["runs"]), default=0)
     if depth:
         lines += ["", "acceptance by draft position (share of steps whose tree reached position d that accepted a token there):",

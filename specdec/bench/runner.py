@@ -50,7 +50,7 @@ def run_bench(settings: BenchSettings) -> BenchResult:
     from specdec.chat import chat_prompt_ids
 
     questions = load_questions(settings.prompts, settings.limit)
-    decoders, first_config = _decoders(settings)
+    decoders, first_config = build_decoders(settings)
     reference = decoders[0][1]
     if reference.tokenizer is None:
         raise SpecdecError("bench needs a tokenizer with the target model to encode the prompts")
@@ -63,14 +63,14 @@ def run_bench(settings: BenchSettings) -> BenchResult:
     max_new = settings.max_new_tokens or first_config.generation.max_new_tokens
     for method in methods:
         for _ in range(settings.warmup):
-            _conversation(method, questions[0], reference.tokenizer, min(16, max_new), settings.chat)
+            conversation(method, questions[0], reference.tokenizer, min(16, max_new), settings.chat)
     samples: dict[str, list] = {m.name: [] for m in methods}
     bar = tqdm(total=settings.repeats * len(methods) * len(questions), desc="bench", file=sys.stderr, unit="prompt")
     for _ in range(settings.repeats):
         for method in methods:
             runs = []
             for question in questions:
-                runs.append(_conversation(method, question, reference.tokenizer, max_new, settings.chat))
+                runs.append(conversation(method, question, reference.tokenizer, max_new, settings.chat))
                 bar.update()
             samples[method.name].append(runs)
     bar.close()
@@ -78,7 +78,7 @@ def run_bench(settings: BenchSettings) -> BenchResult:
     return BenchResult(methods, questions, samples, max_new, greedy, settings, reference.tokenizer)
 
 
-def _conversation(method: Method, question: Question, tokenizer, max_new: int, chat: bool) -> list[Sample]:
+def conversation(method: Method, question: Question, tokenizer, max_new: int, chat: bool) -> list[Sample]:
     """Each turn continues the previous turns and this method's own answers."""
     from specdec.chat import chat_prompt_ids, end_of_turn_ids
 
@@ -99,9 +99,10 @@ def _conversation(method: Method, question: Question, tokenizer, max_new: int, c
     return out
 
 
-def _decoders(settings: BenchSettings):
-    """A decoder per config and sweep point; models shared between them are loaded once."""
-    loaded: dict[str, object] = {}
+def build_decoders(settings: BenchSettings, loaded: dict | None = None):
+    """A decoder per config and sweep point -> ([(name, decoder)], the first config). Models shared
+    between them are loaded once (across calls too, when they pass the same `loaded` dict)."""
+    loaded = {} if loaded is None else loaded
 
     def backend(spec: ModelSpec, target=None):
         key = json.dumps([spec.to_dict(), target is not None and id(target)], sort_keys=True)

@@ -99,7 +99,8 @@ class TreeDrafter:
         self.depths = [0]
         self.draft_kv = [-1]
         self.fixed = [False]
-        self.proposals: dict[int, torch.Tensor] = {}  # node -> [V] draft_probs of its children
+        self.proposals: dict[int, torch.Tensor] = {}  # node -> [V] draft_probs of its children (sampling)
+        self.rows: dict[int, torch.Tensor] = {}  # node -> [V] the proposal its children are chosen from
         self._lag = 0
 
     def distributions(self, logits: torch.Tensor) -> torch.Tensor:
@@ -158,6 +159,7 @@ class TreeDrafter:
             probs[exclude] = 0.0
             total = float(probs.sum())
             probs = probs / total if total > 0.0 else probs
+        self.rows[node] = probs
         if not self.greedy:
             self.proposals[node] = probs
         return probs
@@ -194,4 +196,9 @@ class TreeDrafter:
             draft_probs=draft_probs,
             draft_kv=self.draft_kv,
             fixed=self.fixed if any(self.fixed) else None,
+            node_probs=torch.tensor([self._node_prob(n) for n in range(len(self.tokens))]),
         )
+
+    def _node_prob(self, node: int) -> float:
+        row = self.rows.get(self.parents[node])
+        return float("nan") if row is None or self.fixed[node] else float(row[self.tokens[node]])
