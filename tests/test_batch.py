@@ -2,10 +2,14 @@
 sequence decoded alone, for every strategy, with prompts of different lengths and rows that finish
 and are refilled at different steps."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from helpers import make_decoder
+from specdec.bench.prompts import load_questions
 from specdec.backends.batched import BatchedPyTorch
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.decoder import SpeculativeDecoder
@@ -89,3 +93,25 @@ def test_batch_refuses_what_it_cannot_run_in_one_line(models, drafts):
     table = SpeculativeDecoder(TableBackend(random_table(1, 100), 100), None, get_strategy("ar").cls(get_strategy("ar").cls.Options()))
     with pytest.raises(SpecdecError, match="runs on a pytorch target so far, not table"):
         table.generate_batch(PROMPTS)
+
+
+def test_run_prompts_and_bench_batch_size_on_the_demo_pair(capsys, tmp_path):
+    from test_cli import run_cli
+
+    root = Path(__file__).resolve().parents[1]
+    config, prompts = str(root / "configs" / "chain.yaml"), str(tmp_path / "p.jsonl")
+    Path(prompts).write_text("".join(json.dumps({"question_id": str(i), "category": "c", "turns": [t]}) + "\n"
+                                     for i, t in enumerate(["def add(a, b):", "import os", "class Stack:"])))
+    code, out, err = run_cli(capsys, "run", config, "--prompts", prompts, "--batch-size", "4", "--max-new-tokens", "6")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == len(load_questions(prompts)) and all(len(r["token_ids"]) <= 6 for r in lines)
+    assert "tok/s in all), batch size 4" in err
+    code, out, err = run_cli(capsys, "bench", config, "--baselines", "ar", "--batch-size", "1,2", "--prompts", prompts,
+                             "--max-new-tokens", "6", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert [(r["name"], r["batch_size"]) for r in report["runs"]] == [("ar", 1), ("ar", 2), ("chain", 1), ("chain", 2)]
+    assert all(r["outputs_match_ar"] for r in report["runs"])
+    code, _, err = run_cli(capsys, "bench", config, "--batch-size", "2", "--out", str(tmp_path / "c"))
+    assert code == 1 and "only the ar baseline" in err and err.count("\n") == 1

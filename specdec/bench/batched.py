@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from specdec.bench.methods import ar_decoder
 from specdec.bench.prompts import load_questions
-from specdec.bench.report import device_description, merge_metrics, versions
+from specdec.bench.report import device_description, machine_lines, merge_metrics, versions
 from specdec.bench.runner import BenchSettings, build_decoders
 from specdec.errors import SpecdecError
 
@@ -110,8 +110,7 @@ def _percentile(values: list[float], q: float) -> float:
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
-        f"Device: {report['device']}  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + "  ",
+        *machine_lines(report),
         f"Settings: {s['questions']} prompts (first turns) from `{s['prompts']}`{' as chat' if s['chat'] else ''}, "
         f"max_new_tokens {s['max_new_tokens']}, batch sizes {', '.join(map(str, s['batch_sizes']))}, "
         f"{'greedy' if s['greedy'] else 'sampling'}, median of {s['repeats']} repeats; configs {', '.join(s['configs'])}"
