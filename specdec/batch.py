@@ -15,6 +15,7 @@ from functools import partial
 
 from specdec.backends.base import Backend
 from specdec.backends.batched import BatchedPyTorch
+from specdec.backends.eagle3 import Eagle3Backend
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.decode import Sequence
 from specdec.errors import SpecdecError
@@ -62,12 +63,15 @@ def decode_batch(decoder, requests: list, batch_size: int,
 
 
 def _row_draft(draft: Backend | None) -> Backend | None:
-    """A draft backend of its own for one row, over the same weights."""
+    """A draft backend of its own for one row, over the same weights (an EAGLE-3 head reads its
+    row's target features)."""
     if draft is None:
         return None
-    if type(draft) is not PyTorchBackend or draft.aux_layers is not None:
-        raise SpecdecError("batched decoding takes a separate pytorch draft model so far (not an EAGLE-3 head, "
-                           f"not {draft.name}); decode one prompt at a time with this draft")
+    if isinstance(draft, Eagle3Backend):
+        return Eagle3Backend(draft.head, draft.max_length, draft.eos_token_ids)
+    if type(draft) is not PyTorchBackend:
+        raise SpecdecError(f"batched decoding takes a pytorch draft model or an EAGLE-3 head so far, not {draft.name}; "
+                           "decode one prompt at a time with this draft")
     return PyTorchBackend(draft.model)
 
 

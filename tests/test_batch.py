@@ -115,3 +115,13 @@ def test_run_prompts_and_bench_batch_size_on_the_demo_pair(capsys, tmp_path):
     assert all(r["outputs_match_ar"] for r in report["runs"])
     code, _, err = run_cli(capsys, "bench", config, "--batch-size", "2", "--out", str(tmp_path / "c"))
     assert code == 1 and "only the ar baseline" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("label", ["chain", "dyspec", "gsd"])
+def test_greedy_batch_with_an_eagle3_head_equals_each_sequence_alone(label, tmp_path):
+    from test_eagle3 import build_head, eagle_target, head_decoder
+
+    name, options = STRATEGIES[label]
+    decoder = head_decoder(PyTorchBackend(eagle_target()), build_head(eagle_target(), draft_vocab=40), tmp_path, name, **options)
+    alone, batched, _ = alone_and_batched(decoder, 3, max_new_tokens=16)
+    assert batched == alone

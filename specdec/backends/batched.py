@@ -25,6 +25,7 @@ from specdec.backends.base import Backend, BackendOptions
 from specdec.backends.clock import ForwardClock
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.errors import SpecdecError
+from specdec.features import LayerInputs
 
 
 class _RowsLayer(CacheLayerMixin):
@@ -96,6 +97,8 @@ class BatchedPyTorch:
             raise SpecdecError("batched decoding does not run with cuda_graphs yet; set cuda_graphs: false")
         self.model, self.device, self.dtype = backend.model, backend.device, backend.dtype
         self.cache_argument = backend.cache_argument
+        self.feature_layers = backend._feature_layers  # an EAGLE-3 draft reads the inputs of these layers
+        self.layer_inputs = LayerInputs.of(self.model)
         self.cache = Cache(layers=[_RowsLayer(rows) for _ in range(backend.num_layers)])
         self.clock = ForwardClock(self.device)
         self.rows = [Row(self, backend, b) for b in range(rows)]
@@ -124,7 +127,7 @@ class BatchedPyTorch:
             additive[b, 0, padding, used[b] + padding] = 0.0  # a padding query sees itself
         before = self.clock.seconds
         with self.clock.timing():
-            logits = self._call(slice(0, len(self.rows)), ids, positions, additive, slots, end, 0)  # [B, Q, V]
+            logits, features = self._call(slice(0, len(self.rows)), ids, positions, additive, slots, end, 0)  # [B, Q, V]
         seconds = self.clock.seconds - before
         out = {}
         for b, (row_ids, _, _) in requests.items():
@@ -133,9 +136,12 @@ class BatchedPyTorch:
             row.forward_calls += 1
             row.forward_seconds += seconds  # each row's forward took the whole call
             out[b] = logits[b, : row_ids.shape[1]]
+            if features is not None:
+                row.features = features[b, : row_ids.shape[1]]  # [Q_b, F]
         return out
 
-    def _call(self, select: slice, ids, positions, additive, slots, end: int, logits_to_keep: int) -> torch.Tensor:
+    def _call(self, select: slice, ids, positions, additive, slots, end: int, logits_to_keep: int):
+        """One model call over the rows `select` -> logits [n, Q or 1, V], features [n, Q, F] (or None)."""
         for layer in self.cache.layers:
             layer.select, layer.slots, layer.end = select, slots.to(self.device), end
         out = self.model(
@@ -143,7 +149,8 @@ class BatchedPyTorch:
             attention_mask=additive.to(self.device), use_cache=True, logits_to_keep=logits_to_keep,
             **{self.cache_argument: self.cache},
         )
-        return out.logits.float()
+        features = self.layer_inputs.concat(self.feature_layers) if self.feature_layers else None
+        return out.logits.float(), features
 
 
 class Row(Backend):
@@ -156,6 +163,7 @@ class Row(Backend):
         self.batch, self.index = batch, index
         self.vocab_size, self.max_length, self.device = backend.vocab_size, backend.max_length, backend.device
         self.eos_token_ids, self.num_layers = backend.eos_token_ids, backend.num_layers
+        self.features: torch.Tensor | None = None
         self.forward_calls, self.forward_seconds = 0, 0.0
         self._committed = self._pending = 0
 
@@ -172,7 +180,10 @@ class Row(Backend):
         additive = torch.zeros(1, 1, length, start + length, dtype=self.batch.dtype)
         causal = torch.ones(length, length, dtype=torch.bool).tril_()
         additive[0, 0, :, start:].masked_fill_(~causal, torch.finfo(self.batch.dtype).min)
-        logits = self.batch._call(slice(self.index, self.index + 1), input_ids, slots, additive, slots, start + length, 1)
+        logits, features = self.batch._call(slice(self.index, self.index + 1), input_ids, slots, additive, slots,
+                                            start + length, 1)
+        if features is not None:
+            self.features = features[0]  # [L, F]
         self._committed += length
         return logits[:, -1]
 
