@@ -19,14 +19,15 @@ from specdec.backends.eagle3 import Eagle3Backend
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.decode import Sequence
 from specdec.errors import SpecdecError
-from specdec.metrics import GenerationMetrics
+from specdec.metrics import GenerationMetrics, StepStats
 from specdec.strategies.base import Strategy
 
 
-def decode_batch(decoder, requests: list, batch_size: int,
-                 on_tokens: Callable[[int, list[int]], None] | None = None) -> list[tuple[list[int], GenerationMetrics]]:
+def decode_batch(decoder, requests: list, batch_size: int, on_tokens: Callable[[int, list[int]], None] | None = None,
+                 on_step: Callable[[StepStats], None] | None = None) -> list[tuple[list[int], GenerationMetrics]]:
     """decoder: a SpeculativeDecoder; requests: its checked Requests -> (token ids, metrics) per
-    request. `on_tokens(request index, block)` receives each block of emitted tokens."""
+    request. `on_tokens(request index, block)` receives each block of emitted tokens, `on_step`
+    every sequence's StepStats."""
     if batch_size < 1:
         raise SpecdecError(f"batch size must be at least 1, got {batch_size}")
     if not isinstance(decoder.target, PyTorchBackend):
@@ -44,7 +45,7 @@ def decode_batch(decoder, requests: list, batch_size: int,
                 index, request = waiting.popleft()
                 stream = None if on_tokens is None else partial(on_tokens, index)
                 sequence = Sequence(target.rows[row], drafts[row], _row_strategy(decoder.strategy),
-                                    request.prompt_ids, request.warp, request.stopper, request.rng, stream)
+                                    request.prompt_ids, request.warp, request.stopper, request.rng, stream, on_step)
                 if sequence.done:
                     results[index] = (sequence.generated, sequence.metrics)
                 else:

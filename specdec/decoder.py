@@ -127,7 +127,9 @@ class SpeculativeDecoder:
             raise SpecdecError("give exactly one of prompts or messages")
         items = [(p, None) for p in prompts] if prompts is not None else [(None, m) for m in messages]
         requests = [self._request(p, m, generation) for p, m in items]
-        results = decode_batch(self, requests, batch_size, on_tokens)
+        for request in requests:
+            plugins.notify("on_generation_start", decoder=self, prompt_ids=request.prompt_ids)
+        results = decode_batch(self, requests, batch_size, on_tokens, on_step=lambda stats: plugins.notify("on_step", stats=stats))
         return [self._output(token_ids, metrics) for token_ids, metrics in results]
 
     def _request(self, prompt, messages, generation: dict) -> Request:
