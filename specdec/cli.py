@@ -36,20 +36,26 @@ def cli(debug: bool) -> None:
 @click.option("--max-new-tokens", type=int, help="overrides generation.max_new_tokens")
 @click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
 @click.option("--json", "as_json", is_flag=True, help='print one JSON object {"text", "token_ids", "metrics"}')
-def run(config, prompt, prompt_ids, chat, max_new_tokens, overrides, as_json):
-    """Generate a continuation of a prompt with the models and strategy of CONFIG."""
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="decode the first turn of every question of a Spec-Bench JSONL file, batched; prints one JSON line each")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="with --prompts: sequences per target forward")
+def run(config, prompt, prompt_ids, chat, max_new_tokens, overrides, as_json, prompts_file, batch_size):
+    """Generate a continuation of a prompt (or of every prompt in a file) with the models and strategy of CONFIG."""
     from specdec.config import load_config
     from specdec.decoder import SpeculativeDecoder
 
-    if (prompt is None) == (prompt_ids is None):
-        raise click.UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
-    if chat and prompt is None:
-        raise click.UsageError("--chat takes the user message as --prompt TEXT")
+    if sum(x is not None for x in (prompt, prompt_ids, prompts_file)) != 1:
+        raise click.UsageError("give exactly one of --prompt TEXT, --prompt-ids 1,2,3 or --prompts FILE")
+    if chat and prompt is None and prompts_file is None:
+        raise click.UsageError("--chat takes the user message as --prompt TEXT (or the questions of --prompts FILE)")
     overrides = list(overrides)
     if max_new_tokens is not None:
         overrides.append(f"generation.max_new_tokens={max_new_tokens}")
     cfg = load_config(config, overrides)
     decoder = SpeculativeDecoder.from_config(cfg)
+    if prompts_file is not None:
+        _run_batch(decoder, prompts_file, chat, batch_size)
+        return
     source = prompt if prompt is not None else _parse_ids(prompt_ids)
     stream = None if as_json or decoder.tokenizer is None else _TextStream(decoder.tokenizer)
     if chat:
@@ -71,6 +77,27 @@ def run(config, prompt, prompt_ids, chat, max_new_tokens, overrides, as_json):
         + (f"; acceptance by draft position {' '.join(f'{a:.2f}' for a in m.acceptance_by_depth)}" if m.acceptance_by_depth else ""),
         err=True,
     )
+
+
+def _run_batch(decoder, prompts_file: str, chat: bool, batch_size: int) -> None:
+    import time
+
+    from specdec.bench.prompts import load_questions
+
+    questions = load_questions(prompts_file)
+    first_turns = [q.turns[0] for q in questions]
+    start = time.perf_counter()
+    if chat:
+        outputs = decoder.generate_batch(messages=[[{"role": "user", "content": t}] for t in first_turns], batch_size=batch_size)
+    else:
+        outputs = decoder.generate_batch(first_turns, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    for question, out in zip(questions, outputs):
+        click.echo(json.dumps({"question_id": question.question_id, "text": out.text, "token_ids": out.token_ids,
+                               "metrics": out.metrics.to_dict()}))
+    tokens = sum(o.metrics.new_tokens for o in outputs)
+    click.echo(f"{len(outputs)} prompts, {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tok/s in all), "
+               f"batch size {batch_size}", err=True)
 
 
 class _TextStream:
@@ -113,7 +140,9 @@ def _parse_ids(value: str) -> list[int]:
 @click.option("--max-new-tokens", type=click.IntRange(1), help="overrides generation.max_new_tokens")
 @click.option("--limit", type=click.IntRange(1), help="use only the first N prompts")
 @click.option("--chat", is_flag=True, help="send each turn as a user message through the target's chat template")
-def bench(configs, prompts, baselines, out, overrides, repeats, warmup, max_new_tokens, limit, chat):
+@click.option("--batch-size", "batch_sizes", help="comma-separated batch sizes, e.g. 1,4,8: decode every prompt's first "
+              "turn at once, batched, and report aggregate throughput and latency (with --baselines ar)")
+def bench(configs, prompts, baselines, out, overrides, repeats, warmup, max_new_tokens, limit, chat, batch_sizes):
     """Time CONFIGS against the baselines on a prompt set; write reports to --out."""
     from pathlib import Path
 
@@ -124,6 +153,9 @@ def bench(configs, prompts, baselines, out, overrides, repeats, warmup, max_new_
         list(configs), list(overrides), prompts, [b.strip() for b in baselines.split(",") if b.strip()],
         repeats, warmup, max_new_tokens, limit, chat,
     )
+    if batch_sizes is not None:
+        _bench_batched(settings, _numbers(batch_sizes, "--batch-size"), Path(out))
+        return
     result = run_bench(settings)
     report = summarise(result)
     write_outputs(result, report, Path(out))
@@ -172,6 +204,20 @@ def _numbers(value: str, name: str, kind=int, least: float = 1):
     if not numbers or min(numbers) < least:
         raise click.BadParameter(f"expected {what} >= {least:g}; got {value!r}", param_hint=name)
     return numbers
+
+
+def _bench_batched(settings, sizes: list[int], out) -> None:
+    from specdec.bench.batched import markdown, run_batched
+
+    report = run_batched(settings, sizes)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    click.echo(markdown(report), nl=False)
+    click.echo(f"wrote {out}/: report.json, report.md", err=True)
+    bad = sorted({f"{r['name']} at batch {r['batch_size']}" for r in report["runs"] if r["outputs_match_ar"] is False})
+    if bad:
+        raise SpecdecError(f"greedy outputs differ from ar for: {', '.join(bad)} (see report.json)")
 
 
 def _layer_list(value: str | None) -> tuple[int, ...] | None:

@@ -3,6 +3,9 @@
 One step: the strategy drafts a tree rooted at the newest emitted token; the target scores every
 node in one forward under the tree's ancestor mask; the verifier keeps the longest valid path plus
 a bonus token; both caches commit that path; stop conditions are checked token by token.
+
+A `Sequence` is one generation in progress; `speculative_decode` gives it the target's forwards one
+at a time, and the batched loop (specdec/batch.py) gives many sequences one forward together.
 """
 
 from __future__ import annotations
@@ -35,20 +38,50 @@ def speculative_decode(
     """Generate from `prompt` -> (new token ids, metrics). Lossless: greedy output equals the
     target's own greedy decoding; sampled output follows the target's distribution.
     `on_tokens` receives each block of emitted tokens (for streaming), `on_step` each StepStats."""
-    metrics, start = GenerationMetrics(), time.perf_counter()
-    first = _prefill(target, draft, strategy, prompt, warp, rng)
-    metrics.prefill_seconds = time.perf_counter() - start
-    generated: list[int] = []
-    done = stopper.extend(generated, [first])
-    if on_tokens is not None:
-        on_tokens(list(generated))
-    tokens = prompt + generated  # the draft context; grows by each step's emitted block
-    while not done:
-        ctx = DraftContext(tokens, len(prompt), _max_depth(target, draft, stopper, tokens, generated), warp, rng)
-        t0, before = time.perf_counter(), _counters(target, draft)
-        tree = strategy.propose(draft, ctx) if ctx.max_depth > 0 else chain_tree([tokens[-1]])
-        t1 = time.perf_counter()
-        verdict = _verify(target, tree, warp, rng)
+    sequence = Sequence(target, draft, strategy, prompt, warp, stopper, rng, on_tokens, on_step)
+    while not sequence.done:
+        tree = sequence.propose()
+        sequence.finish(tree, target.forward(*sequence.target_inputs(tree))[0])  # [N, V]
+    return sequence.generated, sequence.metrics
+
+
+class Sequence:
+    """One generation: prefilled on creation, then advanced a step at a time by `propose` (draft a
+    tree) and `finish` (verify the target's logits for it, commit, check stops)."""
+
+    def __init__(self, target: Backend, draft: Backend | None, strategy: Strategy, prompt: list[int], warp: Warp,
+                 stopper: Stopper, rng: Random, on_tokens=None, on_step=None):
+        self.target, self.draft, self.strategy = target, draft, strategy
+        self.prompt, self.warp, self.stopper, self.rng = prompt, warp, stopper, rng
+        self.on_tokens, self.on_step = on_tokens, on_step
+        self.metrics, self.start = GenerationMetrics(), time.perf_counter()
+        first = _prefill(target, draft, strategy, prompt, warp, rng)
+        self.metrics.prefill_seconds = time.perf_counter() - self.start
+        self.metrics.target_forwards = 1  # the prefill
+        self.generated: list[int] = []
+        self.tokens = list(prompt)  # the draft context; grows by each step's emitted block
+        emitted = self._extend([first])
+        if on_tokens is not None:
+            on_tokens(emitted)
+
+    def propose(self) -> DraftTree:
+        target, draft, tokens = self.target, self.draft, self.tokens
+        ctx = DraftContext(tokens, len(self.prompt), _max_depth(target, draft, self.stopper, tokens, self.generated),
+                           self.warp, self.rng)
+        self._t0, self._before = time.perf_counter(), _counters(target, draft)
+        tree = self.strategy.propose(draft, ctx) if ctx.max_depth > 0 else chain_tree([tokens[-1]])
+        self._t1 = time.perf_counter()
+        return tree
+
+    def target_inputs(self, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The target forward that scores `tree`: ids, positions [1, N], ancestor mask [1, N, N]."""
+        positions = self.target.committed_len + tree.depths  # [N]
+        return tree.tokens[None], positions[None], ancestor_mask(tree.parents)[None]
+
+    def finish(self, tree: DraftTree, logits: torch.Tensor) -> None:
+        """Verify `tree` against the target's logits [N, V] for it; commit; emit; check stops."""
+        target, draft = self.target, self.draft
+        verdict = _verify(tree, logits, self.warp, self.rng)
         t2 = time.perf_counter()
         committed = target.committed_len
         target.commit(verdict.path)
@@ -56,21 +89,23 @@ def speculative_decode(
             _commit_draft(draft, tree, verdict.path)
             if draft.aux_layers is not None:  # an EAGLE-3 head reads the target's features
                 draft.take_features(committed, target.features[verdict.path])
-        strategy.update(verdict, tree)
-        block = tree.tokens[verdict.path[1:]].tolist() + [verdict.bonus_token]
-        emitted_before = len(generated)
-        done = stopper.extend(generated, block)
-        tokens.extend(generated[emitted_before:])
-        stats = _step_stats(tree, verdict, before, _counters(target, draft), (t0, t1, t2, time.perf_counter()))
-        metrics.add(stats)
-        if on_tokens is not None:
-            on_tokens(generated[emitted_before:])
-        if on_step is not None:
-            on_step(stats)
-    metrics.target_forwards += 1  # the prefill
-    metrics.new_tokens = len(generated)
-    metrics.total_seconds = time.perf_counter() - start
-    return generated, metrics
+        self.strategy.update(verdict, tree)
+        emitted = self._extend(tree.tokens[verdict.path[1:]].tolist() + [verdict.bonus_token])
+        stats = _step_stats(tree, verdict, self._before, _counters(target, draft), (self._t0, self._t1, t2, time.perf_counter()))
+        self.metrics.add(stats)
+        if self.on_tokens is not None:
+            self.on_tokens(emitted)
+        if self.on_step is not None:
+            self.on_step(stats)
+
+    def _extend(self, block: list[int]) -> list[int]:
+        """Append `block` up to the first stop -> the tokens emitted."""
+        before = len(self.generated)
+        self.done = self.stopper.extend(self.generated, block)
+        self.tokens.extend(self.generated[before:])
+        self.metrics.new_tokens = len(self.generated)
+        self.metrics.total_seconds = time.perf_counter() - self.start
+        return self.generated[before:]
 
 
 def _counters(target: Backend, draft: Backend | None) -> tuple[int, float, float]:
@@ -120,11 +155,9 @@ def _max_depth(target, draft, stopper, tokens, generated) -> int:
     return max(0, min(limits))
 
 
-def _verify(target: Backend, tree: DraftTree, warp: Warp, rng: Random) -> Verdict:
+def _verify(tree: DraftTree, logits: torch.Tensor, warp: Warp, rng: Random) -> Verdict:
     """The one host read of a target step: the [N] argmax choices, or the warped [N, V]
     probabilities in one copy (verify_sampling reads many single entries)."""
-    positions = target.committed_len + tree.depths  # [N]
-    logits = target.forward(tree.tokens[None], positions[None], ancestor_mask(tree.parents)[None])[0]  # [N, V]
     if warp.greedy:
         return verify_greedy(tree, logits)
     return verify_sampling(tree, warp_probs(logits, warp).cpu(), rng)

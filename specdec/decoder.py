@@ -29,6 +29,16 @@ class GenerationOutput:
     metrics: GenerationMetrics
 
 
+@dataclass
+class Request:
+    """One generation's checked inputs."""
+
+    prompt_ids: list[int]
+    warp: Warp
+    stopper: Stopper
+    rng: Random
+
+
 class SpeculativeDecoder:
     def __init__(
         self,
@@ -90,6 +100,40 @@ class SpeculativeDecoder:
         chat `messages` ([{"role": "user", "content": ...}, ...], rendered by the tokenizer's chat
         template; the answer ends at the template's end-of-turn token). Keyword arguments override
         the config's `generation` section for this call (max_new_tokens, temperature, seed, ...)."""
+        request = self._request(prompt, messages, generation)
+        plugins.notify("on_generation_start", decoder=self, prompt_ids=request.prompt_ids)
+
+        def step(stats: StepStats) -> None:
+            if on_step is not None:
+                on_step(stats)
+            plugins.notify("on_step", stats=stats)
+
+        token_ids, metrics = speculative_decode(
+            self.target, self.draft, self.strategy, request.prompt_ids, request.warp, request.stopper,
+            request.rng, on_tokens=on_tokens, on_step=step,
+        )
+        return self._output(token_ids, metrics)
+
+    def generate_batch(self, prompts: list[str | list[int]] | None = None, messages: list[list[dict]] | None = None,
+                       batch_size: int = 8, on_tokens: Callable[[int, list[int]], None] | None = None,
+                       **generation: object) -> list[GenerationOutput]:
+        """Generate for many prompts (or chat conversations), up to `batch_size` at a time, each
+        target forward scoring every running sequence's draft tree (specdec/batch.py). Returns one
+        output per prompt, in order, each with its own metrics; greedy outputs equal `generate`'s.
+        `on_tokens(prompt index, block)` receives each block of emitted tokens."""
+        from specdec.batch import decode_batch
+
+        if (prompts is None) == (messages is None):
+            raise SpecdecError("give exactly one of prompts or messages")
+        items = [(p, None) for p in prompts] if prompts is not None else [(None, m) for m in messages]
+        requests = [self._request(p, m, generation) for p, m in items]
+        for request in requests:
+            plugins.notify("on_generation_start", decoder=self, prompt_ids=request.prompt_ids)
+        results = decode_batch(self, requests, batch_size, on_tokens, on_step=lambda stats: plugins.notify("on_step", stats=stats))
+        return [self._output(token_ids, metrics) for token_ids, metrics in results]
+
+    def _request(self, prompt, messages, generation: dict) -> Request:
+        """Check and encode one generation's prompt and settings."""
         from specdec.chat import chat_prompt_ids, end_of_turn_ids
 
         if (prompt is None) == (messages is None):
@@ -107,17 +151,9 @@ class SpeculativeDecoder:
             eos |= end_of_turn_ids(self.tokenizer)
         stopper = Stopper(settings.max_new_tokens, eos, settings.stop, self.tokenizer)
         warp = Warp(settings.temperature, settings.top_k, settings.top_p)
-        plugins.notify("on_generation_start", decoder=self, prompt_ids=prompt_ids)
+        return Request(prompt_ids, warp, stopper, Random(settings.seed))
 
-        def step(stats: StepStats) -> None:
-            if on_step is not None:
-                on_step(stats)
-            plugins.notify("on_step", stats=stats)
-
-        token_ids, metrics = speculative_decode(
-            self.target, self.draft, self.strategy, prompt_ids, warp, stopper,
-            Random(settings.seed), on_tokens=on_tokens, on_step=step,
-        )
+    def _output(self, token_ids: list[int], metrics: GenerationMetrics) -> GenerationOutput:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else None
         output = GenerationOutput(token_ids, text, metrics)
         plugins.notify("on_generation_end", decoder=self, output=output)

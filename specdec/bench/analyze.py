@@ -32,7 +32,7 @@ from pathlib import Path
 
 from specdec.bench.methods import expand_sweeps, speculative
 from specdec.bench.prompts import load_questions
-from specdec.bench.report import device_description, merge_metrics, versions
+from specdec.bench.report import device_description, machine_lines, merge_metrics, versions
 from specdec.bench.runner import BenchSettings, build_decoders, conversation
 from specdec.config import load_config
 from specdec.strategies.base import Strategy
@@ -233,8 +233,7 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     windows = s["windows"]
     lines = [
-        f"Device: {report['device']}  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + "  ",
+        *machine_lines(report),
         f"Settings: config `{s['config']}`" + (f", overrides {' '.join(s['overrides'])}" if s["overrides"] else "")
         + f"; {report['prompts']} prompts from `{s['prompts'] or 'benchmarks/prompts/code.jsonl'}`{' (chat)' if s['chat'] else ''}, max_new_tokens "
         f"{s['max_new_tokens'] or 'from the config'}",

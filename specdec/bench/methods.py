@@ -86,15 +86,20 @@ def speculative(name: str, decoder: SpeculativeDecoder) -> Method:
     return Method(name, decoder.strategy.name, type(decoder.target).name, generate)
 
 
+def ar_decoder(reference: SpeculativeDecoder, config: Config) -> SpeculativeDecoder:
+    """The target alone, through the same backend and loop (no draft)."""
+    raw = {**config.to_dict(), "strategy": {"name": "ar"}}
+    raw.pop("draft", None)
+    ar = SpeculativeDecoder.from_config(resolve(raw, config.source, Path.cwd()), target=reference.target)
+    ar.tokenizer = reference.tokenizer
+    return ar
+
+
 def baseline(name: str, reference: SpeculativeDecoder, config: Config) -> Method:
     """A baseline over the models of the first config: `ar` runs the target alone through the same
     backend and loop; the `hf*` ones call transformers' `generate` on the PyTorch models."""
     if name == "ar":
-        raw = {**config.to_dict(), "strategy": {"name": "ar"}}
-        raw.pop("draft", None)
-        ar = SpeculativeDecoder.from_config(resolve(raw, config.source, Path.cwd()), target=reference.target)
-        ar.tokenizer = reference.tokenizer
-        return speculative("ar", ar)
+        return speculative("ar", ar_decoder(reference, config))
     if name not in BASELINES:
         raise SpecdecError(f"unknown baseline {name!r}; available: {', '.join(BASELINES)}")
     if name == "llama-cpp":

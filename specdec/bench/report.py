@@ -149,11 +149,16 @@ def _cell(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def machine_lines(report: dict) -> list[str]:
+    """The device and versions lines every report starts with."""
+    return [f"Device: {report['device']}  ",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + "  "]
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
-        f"Device: {report['device']}  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + "  ",
+        *machine_lines(report),
         f"Settings: {s['questions']} prompts from `{s['prompts']}`, max_new_tokens {s['max_new_tokens']}, "
         f"batch size 1, {'greedy' if s['greedy'] else 'sampling'}, median of {s['repeats']} interleaved repeats "
         f"after {s['warmup']} warm-up; configs {', '.join(s['configs'])}" + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else ""),

@@ -1,0 +1,203 @@
+"""Batched forwards on the pytorch backend: B rows over one model and one KV buffer.
+
+Each row is a `Backend` of its own (`Row`), with its own committed and pending entries, so a
+`Sequence` (specdec/decode.py) runs on it unchanged. `BatchedPyTorch.forward_rows` runs the
+forwards of several rows as one model call:
+- row b's entries live in slots 0 .. used_b - 1 of buffer row b (used = committed + pending); the
+  call attends over slots 0 .. S - 1, S the largest row's end, and the additive mask hides each
+  row's slots that are not its own committed, pending or new entries;
+- queries are padded to the longest row's Q; a padding query sees only itself, and its KV lands
+  past the row's real entries, where a later forward or commit overwrites it;
+- a row without a forward this call gets one padding query: every call spans all rows, so the
+  buffer is handed to attention as a view, never gathered.
+A prefill (a sequence joining its row) runs alone on that row's view of the buffer.
+
+Example (2 rows; row 0 has 5 committed and a 3-node tree, row 1 has 2 committed and 1 query):
+Q = 3, S = 8; row 1's queries 1 and 2 are padding at slots 3 and 4, each seeing only itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from specdec.backends.base import Backend, BackendOptions
+from specdec.backends.clock import ForwardClock
+from specdec.backends.pytorch import PyTorchBackend
+from specdec.errors import SpecdecError
+from specdec.features import LayerInputs
+
+
+class _RowsLayer(CacheLayerMixin):
+    """One layer's KV for every row: [B, H_kv, capacity, D], grown geometrically. Each model call
+    first sets `select` (the rows it runs), `slots` [n, Q] (where each row's new entries go) and
+    `end` (the slots attention reads)."""
+
+    is_sliding = False
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows = rows
+        self.select = slice(0, rows)
+        self.slots: torch.Tensor | None = None
+        self.end = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._keys = key_states.new_zeros(self.rows, key_states.shape[1], 0, key_states.shape[-1])
+        self._values = value_states.new_zeros(self.rows, value_states.shape[1], 0, value_states.shape[-1])
+        self.is_initialized = True
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self._keys.shape[2]
+        if needed <= capacity:
+            return
+        capacity = max(2 * capacity, needed + 256)
+        for name in ("_keys", "_values"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], capacity, old.shape[-1])  # zeros: masked slots stay finite
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """key_states, value_states [n, H_kv, Q, D] -> the selected rows' keys, values [n, H_kv, end, D]."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._reserve(max(self.end, int(self.slots.max()) + 1))
+        rows = torch.arange(self.select.start, self.select.stop, device=self.device)[:, None]  # [n, 1]
+        self._keys[rows, :, self.slots] = key_states.transpose(1, 2)  # [n, Q, H_kv, D]
+        self._values[rows, :, self.slots] = value_states.transpose(1, 2)
+        return self._keys[self.select, :, : self.end], self._values[self.select, :, : self.end]
+
+    def move(self, row: int, index: torch.Tensor, start: int) -> None:
+        """In `row`, copy the entries at `index` [n] to slots start .. start + n - 1."""
+        if self.is_initialized:
+            end = start + index.shape[0]
+            self._keys[row, :, start:end] = self._keys[row].index_select(1, index)
+            self._values[row, :, start:end] = self._values[row].index_select(1, index)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.end, 0
+
+    def get_seq_length(self) -> int:
+        return 0  # positions are always given
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        pass
+
+
+class BatchedPyTorch:
+    """`rows` sequences over the model of a pytorch backend (its weights are shared, not copied)."""
+
+    def __init__(self, backend: PyTorchBackend, rows: int):
+        if backend.fixed is not None:
+            raise SpecdecError("batched decoding does not run with cuda_graphs yet; set cuda_graphs: false")
+        self.model, self.device, self.dtype = backend.model, backend.device, backend.dtype
+        self.cache_argument = backend.cache_argument
+        self.feature_layers = backend._feature_layers  # an EAGLE-3 draft reads the inputs of these layers
+        self.layer_inputs = LayerInputs.of(self.model)
+        self.cache = Cache(layers=[_RowsLayer(rows) for _ in range(backend.num_layers)])
+        self.clock = ForwardClock(self.device)
+        self.rows = [Row(self, backend, b) for b in range(rows)]
+
+    @torch.inference_mode()
+    def forward_rows(self, requests: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """{row: (input_ids, position_ids [1, Q_b], mask [1, Q_b, S_b + Q_b])} -> {row: logits [Q_b, V]}
+        from one model call; each row's Q_b entries become pending, as `Backend.forward` would."""
+        query = max(ids.shape[1] for ids, _, _ in requests.values())
+        used = [row.committed_len + row.pending_len for row in self.rows]
+        end = max(used) + query
+        ids = torch.zeros(len(self.rows), query, dtype=torch.long)  # [B, Q]
+        slots = torch.tensor(used)[:, None] + torch.arange(query)  # [B, Q]
+        positions = slots.clone()  # padding queries: any valid position
+        blocked = torch.finfo(self.dtype).min
+        additive = torch.full((len(self.rows), 1, query, end), blocked, dtype=self.dtype)  # [B, 1, Q, S]
+        for b, row in enumerate(self.rows):
+            additive[b, 0, :, : row.committed_len] = 0.0
+            count = 0
+            if b in requests:
+                row_ids, row_positions, mask = requests[b]
+                count = row_ids.shape[1]
+                ids[b, :count], positions[b, :count] = row_ids[0], row_positions[0]
+                additive[b, 0, :count, row.committed_len : used[b] + count].masked_fill_(mask[0], 0.0)
+            padding = torch.arange(count, query)
+            additive[b, 0, padding, used[b] + padding] = 0.0  # a padding query sees itself
+        before = self.clock.seconds
+        with self.clock.timing():
+            logits, features = self._call(slice(0, len(self.rows)), ids, positions, additive, slots, end, 0)  # [B, Q, V]
+        seconds = self.clock.seconds - before
+        out = {}
+        for b, (row_ids, _, _) in requests.items():
+            row = self.rows[b]
+            row._pending += row_ids.shape[1]
+            row.forward_calls += 1
+            row.forward_seconds += seconds  # each row's forward took the whole call
+            out[b] = logits[b, : row_ids.shape[1]]
+            if features is not None:
+                row.features = features[b, : row_ids.shape[1]]  # [Q_b, F]
+        return out
+
+    def _call(self, select: slice, ids, positions, additive, slots, end: int, logits_to_keep: int):
+        """One model call over the rows `select` -> logits [n, Q or 1, V], features [n, Q, F] (or None)."""
+        for layer in self.cache.layers:
+            layer.select, layer.slots, layer.end = select, slots.to(self.device), end
+        out = self.model(
+            input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+            attention_mask=additive.to(self.device), use_cache=True, logits_to_keep=logits_to_keep,
+            **{self.cache_argument: self.cache},
+        )
+        features = self.layer_inputs.concat(self.feature_layers) if self.feature_layers else None
+        return out.logits.float(), features
+
+
+class Row(Backend):
+    """One row of a `BatchedPyTorch`: the Backend contract over that row's entries."""
+
+    name = "pytorch"
+    Options = BackendOptions
+
+    def __init__(self, batch: BatchedPyTorch, backend: PyTorchBackend, index: int):
+        self.batch, self.index = batch, index
+        self.vocab_size, self.max_length, self.device = backend.vocab_size, backend.max_length, backend.device
+        self.eos_token_ids, self.num_layers = backend.eos_token_ids, backend.num_layers
+        self.features: torch.Tensor | None = None
+        self.forward_calls, self.forward_seconds = 0, 0.0
+        self._committed = self._pending = 0
+
+    @classmethod
+    def load(cls, model: str, options: BackendOptions) -> Row:
+        raise SpecdecError("a batch row is made by BatchedPyTorch, not loaded")
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._pending:
+            raise RuntimeError("prefill with pending entries; commit or rollback first")
+        length, start = input_ids.shape[1], self._committed
+        slots = torch.arange(start, start + length)[None]  # [1, L]
+        additive = torch.zeros(1, 1, length, start + length, dtype=self.batch.dtype)
+        causal = torch.ones(length, length, dtype=torch.bool).tril_()
+        additive[0, 0, :, start:].masked_fill_(~causal, torch.finfo(self.batch.dtype).min)
+        logits, features = self.batch._call(slice(self.index, self.index + 1), input_ids, slots, additive, slots,
+                                            start + length, 1)
+        if features is not None:
+            self.features = features[0]  # [L, F]
+        self._committed += length
+        return logits[:, -1]
+
+    def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
+        return self.batch.forward_rows({self.index: (input_ids, position_ids, mask)})[self.index][None]
+
+    @torch.inference_mode()
+    def commit(self, keep: list[int]) -> None:
+        if keep != list(range(len(keep))):
+            index = (torch.tensor(keep, dtype=torch.long) + self._committed).to(self.device)
+            for layer in self.batch.cache.layers:
+                layer.move(self.index, index, self._committed)
+        self._committed += len(keep)
+        self._pending = 0
+
+    def reset(self) -> None:
+        self._committed = self._pending = 0

@@ -1,0 +1,127 @@
+"""`specdec bench --batch-size`: aggregate throughput and per-request latency of batched decoding.
+
+Every prompt (a question's first turn) is submitted at once; the loop decodes up to B of them per
+target forward and refills rows as sequences finish. Per method and batch size:
+- tokens/s: all new tokens over the wall time of the whole set;
+- time to first token: from submission to a request's first token (waiting for a row included);
+- inter-token latency: a block of n tokens emitted t after the request's previous block counts as
+  n gaps of t / n; p50 and p99 over every gap of every request.
+`ar` (the target alone through the same batched loop) is the reference at each batch size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from specdec.bench.methods import ar_decoder
+from specdec.bench.prompts import load_questions
+from specdec.bench.report import device_description, machine_lines, merge_metrics, versions
+from specdec.bench.runner import BenchSettings, build_decoders
+from specdec.errors import SpecdecError
+
+
+@dataclass
+class BatchRun:
+    tokens_per_second: float
+    first_token: list[float]  # seconds, per request
+    gaps: list[float]  # seconds, per emitted token after a request's first
+    outputs: list[list[int]]
+    metrics: list
+
+
+def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
+    if [b for b in settings.baselines if b != "ar"]:
+        raise SpecdecError("with --batch-size only the ar baseline runs (the others decode one prompt at a time); "
+                           "pass --baselines ar")
+    questions = load_questions(settings.prompts, settings.limit)
+    decoders, config = build_decoders(settings)
+    methods = [("ar", ar_decoder(decoders[0][1], config))] + decoders
+    max_new = settings.max_new_tokens or config.generation.max_new_tokens
+    if settings.chat:
+        inputs = dict(messages=[[{"role": "user", "content": q.turns[0]}] for q in questions])
+    else:
+        inputs = dict(prompts=[q.turns[0] for q in questions])
+    for _, decoder in methods:
+        for _ in range(settings.warmup):
+            _run(decoder, {k: v[:2] for k, v in inputs.items()}, 2, min(16, max_new))
+    runs: dict[tuple[str, int], list[BatchRun]] = {}
+    bar = tqdm(total=settings.repeats * len(methods) * len(batch_sizes), desc="bench", file=sys.stderr, unit="batch run")
+    for _ in range(settings.repeats):
+        for name, decoder in methods:
+            for size in batch_sizes:
+                runs.setdefault((name, size), []).append(_run(decoder, inputs, size, max_new))
+                bar.update()
+    bar.close()
+    greedy = config.generation.temperature == 0.0
+    rows = []
+    for (name, size), repeats in runs.items():
+        median = sorted(repeats, key=lambda r: r.tokens_per_second)[len(repeats) // 2]
+        ar = sorted(runs[("ar", size)], key=lambda r: r.tokens_per_second)[len(repeats) // 2]
+        total = merge_metrics(median.metrics)
+        rows.append({
+            "name": name, "batch_size": size, "tokens_per_second": median.tokens_per_second,
+            "speedup_vs_ar": median.tokens_per_second / ar.tokens_per_second,
+            "mean_accepted_length": total.mean_accepted_length,
+            "drafted_nodes_per_step": total.drafted_nodes / total.steps if total.steps else 0.0,
+            "first_token_p50_ms": 1e3 * statistics.median(median.first_token),
+            "inter_token_p50_ms": 1e3 * _percentile(median.gaps, 0.5),
+            "inter_token_p99_ms": 1e3 * _percentile(median.gaps, 0.99),
+            "outputs_match_ar": median.outputs == ar.outputs if greedy else None,
+        })
+    return {"device": device_description(), "versions": versions(), "runs": rows, "settings": {
+        "configs": settings.configs, "overrides": settings.overrides, "prompts": settings.prompts, "questions": len(questions),
+        "max_new_tokens": max_new, "repeats": settings.repeats, "warmup": settings.warmup, "chat": settings.chat,
+        "batch_sizes": batch_sizes, "greedy": greedy}}
+
+
+def _run(decoder, inputs: dict, batch_size: int, max_new: int) -> BatchRun:
+    count = len(next(iter(inputs.values())))
+    last: list[float | None] = [None] * count
+    first_token: list[float] = [0.0] * count
+    gaps: list[float] = []
+
+    def on_tokens(index: int, block: list[int]) -> None:
+        now = time.perf_counter()
+        if last[index] is None:
+            first_token[index] = now - start
+        elif block:
+            gaps.extend([(now - last[index]) / len(block)] * len(block))
+        last[index] = now
+
+    start = time.perf_counter()
+    outputs = decoder.generate_batch(**inputs, batch_size=batch_size, on_tokens=on_tokens, max_new_tokens=max_new)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outputs)
+    return BatchRun(tokens / seconds, first_token, gaps, [o.token_ids for o in outputs], [o.metrics for o in outputs])
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        *machine_lines(report),
+        f"Settings: {s['questions']} prompts (first turns) from `{s['prompts']}`{' as chat' if s['chat'] else ''}, "
+        f"max_new_tokens {s['max_new_tokens']}, batch sizes {', '.join(map(str, s['batch_sizes']))}, "
+        f"{'greedy' if s['greedy'] else 'sampling'}, median of {s['repeats']} repeats; configs {', '.join(s['configs'])}"
+        + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else ""),
+        "",
+        "| method | batch | tokens/s (all) | vs ar | tau | nodes/step | first token p50 ms | inter-token p50 ms | p99 ms | same as ar |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report["runs"]:
+        match = {True: "yes", False: "**NO**", None: "-"}[r["outputs_match_ar"]]
+        lines.append(f"| {r['name']} | {r['batch_size']} | {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f}x | "
+                     f"{r['mean_accepted_length']:.2f} | {r['drafted_nodes_per_step']:.1f} | {r['first_token_p50_ms']:.0f} | "
+                     f"{r['inter_token_p50_ms']:.1f} | {r['inter_token_p99_ms']:.1f} | {match} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,127 @@
+"""Batched decoding (issue 21): each sequence decoded in a batch is token-identical to the same
+sequence decoded alone, for every strategy, with prompts of different lengths and rows that finish
+and are refilled at different steps."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_decoder
+from specdec.bench.prompts import load_questions
+from specdec.backends.batched import BatchedPyTorch
+from specdec.backends.pytorch import PyTorchBackend
+from specdec.decoder import SpeculativeDecoder
+from specdec.errors import SpecdecError
+from specdec.plugins import get_strategy
+from specdec.testing import TableBackend, random_table
+
+PROMPTS = [[3, 17, 42], [5, 6, 7, 8, 9, 10, 11, 12, 13], [1], [9, 9, 2, 4, 8], [60, 5, 5, 21, 30, 31], [7, 7]]
+STRATEGIES = {
+    "ar": ("ar", {}),
+    "chain": ("chain", {"k": 3}),
+    "chain_adaptive": ("chain", {"k": 2, "adaptive": True}),
+    "static_tree": ("static_tree", {"branching": [2, 2, 1]}),
+    "gsd": ("gsd", {"prob_threshold": 0.0, "max_depth": 4, "max_nodes": 16}),
+    "dyspec": ("dyspec", {"max_nodes": 10, "max_depth": 5, "expand_per_step": 3}),
+    "dyspec_threshold": ("dyspec", {"mode": "threshold", "threshold": 0.02, "max_nodes": 12}),
+    "hybrid": ("hybrid", {"max_nodes": 10}),
+}
+
+
+def alone_and_batched(decoder, batch_size: int, **generation):
+    alone = [decoder.generate(p, **generation).token_ids for p in PROMPTS]
+    batched = decoder.generate_batch(PROMPTS, batch_size=batch_size, **generation)
+    return alone, [out.token_ids for out in batched], batched
+
+
+@pytest.mark.parametrize("label, arch", [(label, "llama") for label in STRATEGIES] + [("chain", "gpt2"), ("dyspec", "qwen2")])
+def test_greedy_batch_equals_each_sequence_alone(label, arch, models, drafts):
+    name, options = STRATEGIES[label]
+    draft = drafts(arch, "perturbed") if name != "ar" else None
+    decoder = make_decoder(models(arch, 0), draft, name, **options)
+    # 6 prompts through 4 rows: two join when the first rows finish; stop ids taken from two of the
+    # outputs end some rows early
+    free = [decoder.generate(p, max_new_tokens=20).token_ids for p in PROMPTS]
+    stops = [free[0][8], free[3][15]]
+    alone, batched, outputs = alone_and_batched(decoder, 4, max_new_tokens=20, stop_token_ids=stops)
+    assert batched == alone
+    assert len({len(t) for t in alone}) > 1  # rows really finished at different steps
+    for out in outputs:
+        assert out.metrics.new_tokens == len(out.token_ids) and out.metrics.target_forwards == out.metrics.steps + 1
+
+
+def test_sampled_batch_equals_each_sequence_alone(models, drafts):
+    # Each row draws from its own generator, seeded like the sequence alone: the same draws, so each
+    # row's output has the distribution the single-sequence loop is checked to have exactly.
+    decoder = make_decoder(models("llama", 0), drafts("llama", "perturbed"), "dyspec", max_nodes=8)
+    for seed in range(3):
+        alone, batched, _ = alone_and_batched(decoder, 3, max_new_tokens=16, temperature=0.8, seed=seed)
+        assert batched == alone
+    other = decoder.generate_batch(PROMPTS, batch_size=3, max_new_tokens=16, temperature=0.8, seed=99)
+    assert [o.token_ids for o in other] != batched  # negative control: another seed, other samples
+
+
+def test_rows_keep_their_own_cache_across_commits(models):
+    # Two rows forwarded together with different query counts give the logits each gets alone.
+    backend = PyTorchBackend(models("llama", 0))
+    batch = BatchedPyTorch(backend, 2)
+    a, b = batch.rows
+    a.prefill(torch.tensor([[3, 17, 42, 8]]))
+    b.prefill(torch.tensor([[5, 6]]))
+    tree_mask = torch.tensor([[[True, False, False], [True, True, False], [True, False, True]]])
+    out = batch.forward_rows({0: (torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5, 5]]), tree_mask),
+                              1: (torch.tensor([[9]]), torch.tensor([[2]]), torch.ones(1, 1, 1, dtype=torch.bool))})
+    backend.prefill(torch.tensor([[3, 17, 42, 8]]))
+    want = backend.forward(torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5, 5]]), tree_mask)[0]
+    torch.testing.assert_close(out[0], want, rtol=1e-4, atol=1e-4)
+    a.commit([0, 2])  # keep 1 and its sibling 3's branch: positions 4 and 5
+    backend.commit([0, 2])
+    out = batch.forward_rows({0: (torch.tensor([[4]]), torch.tensor([[6]]), torch.ones(1, 1, 1, dtype=torch.bool))})
+    want = backend.forward(torch.tensor([[4]]), torch.tensor([[6]]), torch.ones(1, 1, 1, dtype=torch.bool))[0]
+    torch.testing.assert_close(out[0], want, rtol=1e-4, atol=1e-4)
+    assert (a.committed_len, a.pending_len, b.committed_len, b.pending_len) == (6, 1, 2, 1)
+
+
+def test_batch_refuses_what_it_cannot_run_in_one_line(models, drafts):
+    decoder = make_decoder(models("llama", 0), drafts("llama", "same"), "chain")
+    with pytest.raises(SpecdecError, match="batch size must be at least 1"):
+        decoder.generate_batch(PROMPTS, batch_size=0)
+    with pytest.raises(SpecdecError, match="exactly one of prompts or messages"):
+        decoder.generate_batch()
+    table = SpeculativeDecoder(TableBackend(random_table(1, 100), 100), None, get_strategy("ar").cls(get_strategy("ar").cls.Options()))
+    with pytest.raises(SpecdecError, match="runs on a pytorch target so far, not table"):
+        table.generate_batch(PROMPTS)
+
+
+def test_run_prompts_and_bench_batch_size_on_the_demo_pair(capsys, tmp_path):
+    from test_cli import run_cli
+
+    root = Path(__file__).resolve().parents[1]
+    config, prompts = str(root / "configs" / "chain.yaml"), str(tmp_path / "p.jsonl")
+    Path(prompts).write_text("".join(json.dumps({"question_id": str(i), "category": "c", "turns": [t]}) + "\n"
+                                     for i, t in enumerate(["def add(a, b):", "import os", "class Stack:"])))
+    code, out, err = run_cli(capsys, "run", config, "--prompts", prompts, "--batch-size", "4", "--max-new-tokens", "6")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == len(load_questions(prompts)) and all(len(r["token_ids"]) <= 6 for r in lines)
+    assert "tok/s in all), batch size 4" in err
+    code, out, err = run_cli(capsys, "bench", config, "--baselines", "ar", "--batch-size", "1,2", "--prompts", prompts,
+                             "--max-new-tokens", "6", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert [(r["name"], r["batch_size"]) for r in report["runs"]] == [("ar", 1), ("ar", 2), ("chain", 1), ("chain", 2)]
+    assert all(r["outputs_match_ar"] for r in report["runs"])
+    code, _, err = run_cli(capsys, "bench", config, "--batch-size", "2", "--out", str(tmp_path / "c"))
+    assert code == 1 and "only the ar baseline" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("label", ["chain", "dyspec", "gsd"])
+def test_greedy_batch_with_an_eagle3_head_equals_each_sequence_alone(label, tmp_path):
+    from test_eagle3 import build_head, eagle_target, head_decoder
+
+    name, options = STRATEGIES[label]
+    decoder = head_decoder(PyTorchBackend(eagle_target()), build_head(eagle_target(), draft_vocab=40), tmp_path, name, **options)
+    alone, batched, _ = alone_and_batched(decoder, 3, max_new_tokens=16)
+    assert batched == alone
