@@ -17,6 +17,7 @@ from specdec.backends.base import Backend
 from specdec.backends.batched import BatchedPyTorch
 from specdec.backends.eagle3 import Eagle3Backend
 from specdec.backends.pytorch import PyTorchBackend
+from specdec.backends.vocab import MappedVocabBackend
 from specdec.decode import Sequence
 from specdec.errors import SpecdecError
 from specdec.metrics import GenerationMetrics, StepStats
@@ -70,6 +71,8 @@ def _row_draft(draft: Backend | None) -> Backend | None:
         return None
     if isinstance(draft, Eagle3Backend):
         return Eagle3Backend(draft.head, draft.max_length, draft.eos_token_ids)
+    if isinstance(draft, MappedVocabBackend):  # a reduced-vocabulary draft
+        return MappedVocabBackend(_row_draft(draft.inner), draft.draft_to_target.tolist(), draft.vocab_size)
     if type(draft) is not PyTorchBackend:
         raise SpecdecError(f"batched decoding takes a pytorch draft model or an EAGLE-3 head so far, not {draft.name}; "
                            "decode one prompt at a time with this draft")

@@ -52,6 +52,18 @@ def test_greedy_batch_equals_each_sequence_alone(label, arch, models, drafts):
         assert out.metrics.new_tokens == len(out.token_ids) and out.metrics.target_forwards == out.metrics.steps + 1
 
 
+def test_greedy_batch_with_a_reduced_vocabulary_draft_equals_each_sequence_alone(models, drafts):
+    from specdec.backends.vocab import MappedVocabBackend
+    from tiny_models import tiny_model
+
+    target = PyTorchBackend(models("llama", 0))
+    keep = list(range(0, target.vocab_size, 2))  # the draft's rows: every other target token, and one for the rest
+    draft = MappedVocabBackend(PyTorchBackend(tiny_model("llama", 1, vocab=len(keep) + 1)), keep, target.vocab_size)
+    decoder = SpeculativeDecoder(target, draft, get_strategy("chain").cls(get_strategy("chain").cls.Options(k=3)))
+    alone, batched, _ = alone_and_batched(decoder, 3, max_new_tokens=16)
+    assert batched == alone
+
+
 def test_sampled_batch_equals_each_sequence_alone(models, drafts):
     # Each row draws from its own generator, seeded like the sequence alone: the same draws, so each
     # row's output has the distribution the single-sequence loop is checked to have exactly.
