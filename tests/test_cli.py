@@ -98,7 +98,7 @@ def test_missing_config_file(capsys, tmp_path):
 
 def test_usage_error_is_one_line(capsys, write_config):
     code, _, err = run_cli(capsys, "run", str(write_config()))
-    assert code == 2 and err == "error: give exactly one of --prompt TEXT or --prompt-ids 1,2,3 (see --help)\n"
+    assert code == 2 and err == "error: give exactly one of --prompt TEXT, --prompt-ids 1,2,3 or --prompts FILE (see --help)\n"
 
 
 def test_entry_point_help_does_not_import_torch():
