@@ -10,6 +10,7 @@ Glossary (DESIGN.md section 2):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,8 +42,10 @@ class DraftTree:
     dag_node: torch.Tensor | None = None  # [N] int64 (GSD: DAG node each unrolled node came from)
     merged: list[bool] | None = None  # [N] (GSD: node reached through a merged edge of the DAG)
     fixed: list[bool] | None = None  # [N] node chosen deterministically (hybrid: n-gram lookup), not drawn
-    node_probs: torch.Tensor | None = None  # [N] float: draft probability of each node's token under its
-    #   parent's proposal (nan for the root and fixed nodes); what `specdec analyze` bins acceptance by
+    # () -> [N] float: draft probability of each node's token under its parent's proposal (nan for the
+    #   root and fixed nodes); what `specdec analyze` bins acceptance by. A callable, so that the decode
+    #   step never pays for reading them.
+    node_probs_of: Callable[[], torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -24,7 +24,7 @@ def hand_tree(tokens, parents, path, context=(), merged=None, probs=None, greedy
     for node in range(1, n):
         depths[node] = depths[parents[node]] + 1
     tree = DraftTree(torch.tensor(tokens), torch.tensor(parents), torch.tensor(depths), merged=merged,
-                     node_probs=None if probs is None else torch.tensor(probs, dtype=torch.float))
+                     node_probs_of=None if probs is None else lambda: torch.tensor(probs, dtype=torch.float))
     return Step.of(tree, Verdict(path, bonus_token=0), list(context), greedy)
 
 

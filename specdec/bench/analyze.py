@@ -63,7 +63,7 @@ class Step:
     @classmethod
     def of(cls, tree: DraftTree, verdict: Verdict, context: list[int], greedy: bool) -> Step:
         n = len(tree)
-        probs = tree.node_probs.tolist() if tree.node_probs is not None else [math.nan] * n
+        probs = tree.node_probs_of().tolist() if tree.node_probs_of is not None else [math.nan] * n
         dag = len(set(tree.dag_node.tolist())) - 1 if tree.dag_node is not None else n - 1
         return cls(context, tree.tokens.tolist(), tree.parents.tolist(), probs, tree.merged or [False] * n,
                    tree.fixed or [False] * n, dag, list(verdict.path), greedy)

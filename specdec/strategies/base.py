@@ -196,7 +196,7 @@ class TreeDrafter:
             draft_probs=draft_probs,
             draft_kv=self.draft_kv,
             fixed=self.fixed if any(self.fixed) else None,
-            node_probs=torch.tensor([self._node_prob(n) for n in range(len(self.tokens))]),
+            node_probs_of=lambda: torch.tensor([self._node_prob(n) for n in range(len(self.tokens))]),
         )
 
     def _node_prob(self, node: int) -> float:

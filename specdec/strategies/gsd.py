@@ -140,5 +140,5 @@ def unroll(drafter: TreeDrafter, children: list[list[int]], max_nodes: int, max_
         draft_kv=[-1 if m else drafter.draft_kv[d] for d, m in zip(dag_node, merged)],
         dag_node=torch.tensor(dag_node),
         merged=merged,
-        node_probs=tree.node_probs[dag_node],
+        node_probs_of=lambda: tree.node_probs_of()[dag_node],
     )
