@@ -368,26 +368,31 @@ def profile(config, queries, contexts, repeats, breakdown_q, which, overrides):
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--refresh", is_flag=True, help="measure again even when a cached calibration exists")
+@click.option("--batch-size", type=click.IntRange(1), help="also the target's batched surface t(B, Q), B up to this")
 @click.option("--plot", type=click.Path(dir_okay=False), help="also draw the curves into this PNG (needs matplotlib)")
 @click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
-def calibrate(config, refresh, plot, overrides):
+def calibrate(config, refresh, batch_size, plot, overrides):
     """Measure (or show the cached) forward cost curves that `auto` budgets plan with."""
     from specdec.config import load_config
-    from specdec.costs import curve_path, load_or_measure
-    from specdec.profile import curve_table
+    from specdec.costs import curve_path, load_or_measure, load_or_measure_surface
+    from specdec.profile import curve_table, surface_table
 
-    curves = []
+    curves, surface = [], None
     for role, spec, backend in _models(load_config(config, list(overrides)), "both"):
         curve = load_or_measure(spec, backend, refresh)
         curves.append((role, spec, curve))
         click.echo(f"{role}: {spec.model} on {spec.backend} ({backend.device}); cached in {curve_path(spec, backend)}")
         click.echo(curve_table(curve))
+        if role == "target" and batch_size:
+            surface = load_or_measure_surface(spec, backend, batch_size, refresh)
+            click.echo(f"target, batched: cached in {curve_path(spec, backend, 'rows')}")
+            click.echo(surface_table(surface))
     if plot:
-        _plot_curves(curves, plot)
+        _plot_curves(curves, surface, plot)
         click.echo(f"wrote {plot}", err=True)
 
 
-def _plot_curves(curves, path: str) -> None:
+def _plot_curves(curves, surface, path: str) -> None:
     try:
         import matplotlib
     except ImportError:
@@ -395,11 +400,19 @@ def _plot_curves(curves, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
+    panels = len(curves) + (surface is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
     for ax, (role, spec, curve) in zip(axes[0], curves):
         for context, row in zip(curve.contexts, curve.seconds):
             ax.plot(curve.queries, [t * 1e3 for t in row], marker="o", label=f"{context} cached")
         ax.set(title=f"{role} ({spec.backend})", xlabel="entries per forward (Q)", ylabel="t(Q), ms", xscale="log")
+        ax.legend()
+    if surface is not None:
+        ax = axes[0][-1]
+        for rows, curve in zip(surface.rows, surface.curves):
+            ax.plot(curve.queries, [t * 1e3 for t in curve.seconds[0]], marker="o", label=f"B = {rows}")
+        ax.set(title=f"target, batched, {surface.curves[0].contexts[0]} cached", xlabel="entries per row (Q)",
+               ylabel="t(B, Q), ms", xscale="log", yscale="log")
         ax.legend()
     fig.tight_layout()
     tmp = f"{path}.partial.png"

@@ -2,7 +2,9 @@
 entries over a cache of C committed entries, and the `CostModel` that `budget: auto` plans with.
 
 A calibration measures t(Q) at a few cache lengths and caches the curve per model, backend,
-device, dtype and host (DESIGN.md section 8), so the second run plans without measuring.
+device, dtype and host (DESIGN.md section 8), so the second run plans without measuring. Batched
+decoding also measures the surface t(B, Q): one batched forward of B rows of Q entries each
+(`Surface`), cached the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from specdec.models import cache_root, source_key
 logger = logging.getLogger(__name__)
 
 QUERIES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+ROW_QUERIES = (1, 2, 4, 8, 16, 32)  # t(B, Q): a batch's padded trees rarely need more
 CONTEXTS = (256, 1024)
 CURVE_VERSION = 1
 
@@ -76,6 +79,22 @@ class Curve:
         return [t / row[0] for t in row]
 
 
+@dataclass
+class Surface:
+    """t(B, Q) of batched forwards: curves[i] is t(Q) when rows[i] rows each add Q entries."""
+
+    rows: list[int]
+    curves: list[Curve]
+
+    def at(self, rows: int, query: float, context: float) -> float:
+        """t(rows, query, context), linear between measured batch sizes."""
+        return max(_interpolate(self.rows, [c.at(query, context) for c in self.curves], rows), 1e-9)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Surface:
+        return cls(data["rows"], [Curve(**c) for c in data["curves"]])
+
+
 def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     if len(xs) == 1:
         return ys[0]
@@ -119,27 +138,86 @@ def monotone(row: list[float]) -> list[float]:
     return [mean for mean, count in blocks for _ in range(count)]
 
 
+def row_counts(max_rows: int) -> list[int]:
+    """Batch sizes a surface measures: powers of two below max_rows, and max_rows."""
+    return sorted({2**i for i in range(max_rows.bit_length()) if 2**i < max_rows} | {max_rows})
+
+
+def measure_surface(backend, max_rows: int, queries: Sequence[int] = ROW_QUERIES, contexts: Sequence[int] = CONTEXTS,
+                    repeats: int = 5, progress: Callable[[str], None] | None = None) -> Surface:
+    """t(B, Q) of a target's batched forwards (specdec/backends/batched.py), B in
+    `row_counts(max_rows)`: every row holds `context` entries and adds a chain of Q."""
+    from specdec.batch import batched_backend
+
+    batch = batched_backend(backend, max_rows)
+    contexts = [c for c in contexts if c + max(queries) <= backend.max_length] or [max(1, backend.max_length - max(queries))]
+    counts = row_counts(max_rows)
+    seconds = {count: [] for count in counts}  # per count: one row of t(Q) per context
+    generator = torch.Generator().manual_seed(0)
+    for context in contexts:
+        for row in batch.rows:
+            row.reset()
+            row.prefill(torch.randint(0, backend.vocab_size, (1, context), generator=generator))
+        for count in counts:
+            if progress is not None:
+                progress(f"t({count} rows x Q) over {context} entries")
+            seconds[count].append(monotone([_time_rows(batch, count, query, context, repeats) for query in queries]))
+    return Surface(counts, [Curve(list(queries), list(contexts), seconds[count]) for count in counts])
+
+
+def _time_rows(batch, count: int, query: int, context: int, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of one forward of `count` rows of `query` chain entries each."""
+    ids = torch.randint(0, batch.rows[0].vocab_size, (1, query))
+    positions = torch.arange(context, context + query)[None]
+    mask = torch.ones(query, query, dtype=torch.bool).tril_()[None]
+    times = []
+    for i in range(warmup + repeats):
+        start = batch.clock.seconds
+        batch.forward_rows({b: (ids, positions, mask) for b in range(count)})
+        elapsed = batch.clock.seconds - start
+        for row in batch.rows[:count]:
+            row.rollback()
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
 @dataclass
 class CostModel:
-    """What a step costs: target forwards of n tree nodes, draft forwards of q new entries."""
+    """What a step costs: target forwards of n tree nodes, draft forwards of q new entries, and,
+    for batched decoding, target forwards of B rows (`rows`)."""
 
     target: Curve
     draft: Curve | None
+    rows: Surface | None = None
 
-    def target_seconds(self, nodes: int, context: int) -> float:
+    def target_seconds(self, nodes: int, context: int, rows: int | None = None) -> float:
+        """One forward of `nodes` entries; with `rows`, a batched forward of that many rows of
+        `nodes` entries each (the batch's trees are padded to the largest)."""
+        if rows is not None and self.rows is not None:
+            return self.rows.at(rows, nodes, context)
         return self.target.at(nodes, context)
 
     def draft_seconds(self, query: int, context: int) -> float:
         return 0.0 if self.draft is None else self.draft.at(query, context)
 
 
-def curve_path(spec, backend: Backend) -> Path:
-    """Cache file of one model spec's curve: model identity, backend, its options, device, host."""
+def curve_path(spec, backend: Backend, kind: str = "") -> Path:
+    """Cache file of one model spec's curve (or, kind "rows", its batched surface): model
+    identity, backend, its options, device, host."""
     options = json.dumps(spec.options.model_dump(), sort_keys=True)
     host = f"{platform.node()}-{platform.machine()}-{torch.get_num_threads()}t"
-    identity = f"{source_key(spec.model)}|{spec.backend}|{options}|{backend.device}|{host}|v{CURVE_VERSION}"
+    identity = f"{source_key(spec.model)}|{spec.backend}|{options}|{backend.device}|{host}|v{CURVE_VERSION}{kind}"
     key = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    return cache_root() / "calibration" / f"{Path(spec.model).name}-{spec.backend}-{key}.json"
+    suffix = f"-{kind}" if kind else ""
+    return cache_root() / "calibration" / f"{Path(spec.model).name}-{spec.backend}{suffix}-{key}.json"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
 
 
 def load_or_measure(spec, backend: Backend, refresh: bool = False, **measure) -> Curve:
@@ -152,11 +230,28 @@ def load_or_measure(spec, backend: Backend, refresh: bool = False, **measure) ->
             logger.warning("ignoring an unreadable calibration %s", path)
     logger.warning("calibrating %s on %s (first use; cached in %s)", spec.model, spec.backend, path)
     curve = measure_curve(backend, **measure)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model": spec.model, "backend": spec.backend, "curve": asdict(curve)}, indent=1))
-    tmp.replace(path)
+    _write_json(path, {"model": spec.model, "backend": spec.backend, "curve": asdict(curve)})
     return curve
+
+
+def load_or_measure_surface(spec, backend, max_rows: int, refresh: bool = False, **measure) -> Surface:
+    """The cached t(B, Q) surface of a target on this host, measured (and cached) when
+    absent or when it stops short of `max_rows` rows. Without a spec (a decoder built from
+    loaded models) it is measured and not cached."""
+    path = curve_path(spec, backend, "rows") if spec is not None else None
+    if path is not None and path.is_file() and not refresh:
+        try:
+            surface = Surface.from_dict(json.loads(path.read_text())["surface"])
+            if max(surface.rows) >= max_rows:
+                return surface
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring an unreadable calibration %s", path)
+    where = f"cached in {path}" if path is not None else "not cached: no config names the model"
+    logger.warning("calibrating batched forwards of up to %d rows (%s)", max_rows, where)
+    surface = measure_surface(backend, max_rows, **measure)
+    if path is not None:
+        _write_json(path, {"model": spec.model, "backend": spec.backend, "surface": asdict(surface)})
+    return surface
 
 
 def calibrated_costs(config, target: Backend, draft: Backend | None, refresh: bool = False) -> CostModel:

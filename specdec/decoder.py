@@ -60,6 +60,7 @@ class SpeculativeDecoder:
                 "tokens); speculative decoding needs a draft that shares the target's tokenizer"
             )
         self.target, self.draft, self.strategy = target, draft, strategy
+        self.config: Config | None = None  # set by from_config: names the models whose costs are cached
         if strategy.needs_costs and strategy.planner is None:
             strategy.set_costs(measured_costs(target, draft))
         self.generation = generation or GenerationOptions()
@@ -86,7 +87,9 @@ class SpeculativeDecoder:
         strategy = component.cls(config.strategy.options)
         if strategy.needs_costs:
             strategy.set_costs(calibrated_costs(config, target_backend, draft_backend))
-        return cls(target_backend, draft_backend, strategy, config.generation, tokenizer)
+        decoder = cls(target_backend, draft_backend, strategy, config.generation, tokenizer)
+        decoder.config = config
+        return decoder
 
     def generate(
         self,

@@ -12,7 +12,7 @@ import statistics
 import time
 
 from specdec.backends.base import Backend
-from specdec.costs import Curve, chain_inputs
+from specdec.costs import Curve, Surface, chain_inputs
 
 TOP_OPERATORS = 10
 
@@ -25,6 +25,19 @@ def curve_table(curve: Curve) -> str:
         lines.append("    Q       " + "".join(f"{q:>8}" for q in curve.queries))
         lines.append("    t(Q) ms " + "".join(f"{t * 1e3:>8.1f}" for t in row))
         lines.append("    t(Q)/t(1)" + "".join(f"{t / row[0]:>8.2f}" for t in row)[1:])
+    return "\n".join(lines)
+
+
+def surface_table(surface: Surface) -> str:
+    """t(B, Q) in ms, one line per batch size B, and the time per row-token at the largest Q."""
+    lines = []
+    for c, context in enumerate(surface.curves[0].contexts):
+        queries = surface.curves[0].queries
+        lines.append(f"  over {context} cached entries per row:")
+        lines.append("    B \\ Q    " + "".join(f"{q:>8}" for q in queries) + "   ms per row-token at Q=1")
+        for rows, curve in zip(surface.rows, surface.curves):
+            row = curve.seconds[c]
+            lines.append(f"    {rows:<9}" + "".join(f"{t * 1e3:>8.1f}" for t in row) + f"{row[0] * 1e3 / rows:>10.2f}")
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from specdec.decoder import SpeculativeDecoder
 from specdec.errors import SpecdecError
 from specdec.plugins import get_strategy
 from specdec.testing import TableBackend, random_table
+from test_eagle3 import target_backend  # noqa: F401 (a fixture)
 
 PROMPTS = [[3, 17, 42], [5, 6, 7, 8, 9, 10, 11, 12, 13], [1], [9, 9, 2, 4, 8], [60, 5, 5, 21, 30, 31], [7, 7]]
 STRATEGIES = {
@@ -103,7 +104,7 @@ def test_batch_refuses_what_it_cannot_run_in_one_line(models, drafts):
     with pytest.raises(SpecdecError, match="exactly one of prompts or messages"):
         decoder.generate_batch()
     table = SpeculativeDecoder(TableBackend(random_table(1, 100), 100), None, get_strategy("ar").cls(get_strategy("ar").cls.Options()))
-    with pytest.raises(SpecdecError, match="runs on a pytorch target so far, not table"):
+    with pytest.raises(SpecdecError, match="runs on a pytorch or onnxruntime target, not table"):
         table.generate_batch(PROMPTS)
 
 
@@ -137,3 +138,135 @@ def test_greedy_batch_with_an_eagle3_head_equals_each_sequence_alone(label, tmp_
     decoder = head_decoder(PyTorchBackend(eagle_target()), build_head(eagle_target(), draft_vocab=40), tmp_path, name, **options)
     alone, batched, _ = alone_and_batched(decoder, 3, max_new_tokens=16)
     assert batched == alone
+
+
+# -- onnxruntime targets ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_export(tmp_path_factory):
+    pytest.importorskip("onnxruntime", reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
+    from conftest import cached_model
+    from specdec.export.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("batch-onnx")
+    cached_model("llama", 0).save_pretrained(root / "src")
+    return export_onnx(str(root / "src"), root / "onnx")
+
+
+def onnx_target(folder):
+    from specdec.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeOptions
+
+    return OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions(prefill_chunk=4))  # prompts span chunks
+
+
+@pytest.mark.parametrize("label", list(STRATEGIES))
+def test_greedy_batch_on_onnxruntime_equals_each_sequence_alone(label, llama_export, drafts):
+    name, options = STRATEGIES[label]
+    component = get_strategy(name)
+    draft = PyTorchBackend(drafts("llama", "perturbed")) if name != "ar" else None
+    decoder = SpeculativeDecoder(onnx_target(llama_export), draft, component.cls(component.cls.Options(**options)))
+    free = [decoder.generate(p, max_new_tokens=20).token_ids for p in PROMPTS]
+    alone, batched, outputs = alone_and_batched(decoder, 4, max_new_tokens=20, stop_token_ids=[free[0][8], free[3][15]])
+    assert batched == alone
+    assert len({len(t) for t in alone}) > 1
+    assert all(out.metrics.new_tokens == len(out.token_ids) for out in outputs)
+
+
+@pytest.mark.parametrize("label", ["chain", "dyspec"])
+def test_greedy_batch_with_an_eagle3_head_on_onnxruntime_equals_each_sequence_alone(label, target_backend, tmp_path):
+    from test_eagle3 import build_head, eagle_target, head_decoder
+
+    name, options = STRATEGIES[label]
+    decoder = head_decoder(target_backend("onnxruntime"), build_head(eagle_target()), tmp_path, name, **options)
+    alone, batched, _ = alone_and_batched(decoder, 3, max_new_tokens=16)
+    assert batched == alone
+
+
+def test_onnxruntime_rows_keep_their_own_cache(llama_export, models):
+    # two rows of different lengths forwarded together give the logits each gets alone on pytorch
+    from specdec.batch import batched_backend
+
+    reference = PyTorchBackend(models("llama", 0))
+    batch = batched_backend(onnx_target(llama_export), 2)
+    prompts = [[3, 17, 42, 8, 60, 5, 9], [5, 6]]
+    for row, prompt in zip(batch.rows, prompts):
+        row.prefill(torch.tensor([prompt]))
+    trees = {0: [11, 12, 13], 1: [14]}
+    inputs = {b: (torch.tensor([t]), torch.arange(len(prompts[b]), len(prompts[b]) + len(t))[None],
+                  torch.ones(len(t), len(t), dtype=torch.bool).tril_()[None]) for b, t in trees.items()}
+    logits = batch.forward_rows(inputs)
+    for b, prompt in enumerate(prompts):
+        reference.reset()
+        want = reference.model(torch.tensor([prompt + trees[b]])).logits[0, len(prompt):]
+        assert torch.allclose(logits[b], want, atol=1e-4)
+
+
+# -- exact sampling on batched rows -----------------------------------------------------------------
+
+SAMPLED = {"chain": ("chain", {"k": 2}), "static_tree": ("static_tree", {"branching": [2, 1]}),
+           "dyspec": ("dyspec", {"max_nodes": 3, "max_depth": 2, "expand_per_step": 2})}
+
+
+def tiny_pair(vocab: int = 4):
+    from tiny_models import tiny_model
+
+    return tiny_model("llama", 0, vocab=vocab), tiny_model("llama", 1, vocab=vocab)
+
+
+def exact_first_tokens(model, prompt: list[int], length: int, warp) -> dict:
+    import itertools
+
+    from specdec.sampling import warp_probs
+
+    vocab, dist = model.config.vocab_size, {}
+    with torch.no_grad():
+        for seq in itertools.product(range(vocab), repeat=length):
+            prob = 1.0
+            for j in range(length):
+                logits = model(torch.tensor([prompt + list(seq[:j])])).logits[0, -1]
+                prob *= float(warp_probs(logits, warp)[seq[j]])
+            dist[seq] = prob
+    return dist
+
+
+def batched_row_distribution(decoder, prompt: list[int], length: int, temperature: float, top_k: int) -> dict:
+    """{first `length` tokens of the row decoding `prompt`: probability} over every draw sequence of
+    that row, decoded in a batch after another row with a fixed seed."""
+    from enumeration import enumerate_outcomes
+    from specdec.batch import decode_batch
+
+    generation = {"max_new_tokens": length, "temperature": temperature, "top_k": top_k}
+
+    def outcome(rng):
+        requests = [decoder._request(p, None, {**generation, "seed": 7}) for p in ([2, 1, 3, 3, 0], prompt)]
+        requests[1].rng = rng
+        return tuple(decode_batch(decoder, requests, 2)[1][0])
+
+    return enumerate_outcomes(outcome)
+
+
+@pytest.mark.parametrize("label", list(SAMPLED))
+def test_sampled_rows_of_a_batch_have_exactly_the_targets_distribution(label):
+    from specdec.sampling import Warp
+
+    target, draft = tiny_pair()
+    name, options = SAMPLED[label]
+    decoder = make_decoder(target, draft, name, **options)
+    prompt, length = [1, 3, 0, 2], 3
+    got = batched_row_distribution(decoder, prompt, length, 1.0, 2)
+    want = exact_first_tokens(target, prompt, length, Warp(1.0, top_k=2))
+    assert sum(got.values()) == pytest.approx(1.0)
+    assert max(abs(got.get(s, 0.0) - p) for s, p in want.items()) < 1e-5
+
+
+def test_control_a_batched_row_without_the_residual_is_detected(monkeypatch):
+    import specdec.verify
+    from specdec.sampling import Warp
+
+    monkeypatch.setattr(specdec.verify, "_reject", lambda residual, draft_probs, token, mode: (residual, draft_probs))
+    target, draft = tiny_pair()
+    decoder = make_decoder(target, draft, "chain", k=2)
+    prompt, length = [1, 3, 0, 2], 3
+    got = batched_row_distribution(decoder, prompt, length, 1.0, 2)
+    want = exact_first_tokens(target, prompt, length, Warp(1.0, top_k=2))
+    assert max(abs(got.get(s, 0.0) - p) for s, p in want.items()) > 1e-3  # 100x the exact checks' tolerance

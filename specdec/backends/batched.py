@@ -1,15 +1,18 @@
-"""Batched forwards on the pytorch backend: B rows over one model and one KV buffer.
+"""Batched forwards: B rows over one model and one KV buffer per layer, [B, H_kv, capacity, D].
 
 Each row is a `Backend` of its own (`Row`), with its own committed and pending entries, so a
-`Sequence` (specdec/decode.py) runs on it unchanged. `BatchedPyTorch.forward_rows` runs the
-forwards of several rows as one model call:
+`Sequence` (specdec/decode.py) runs on it unchanged. `BatchedRows.forward_rows` runs the forwards
+of several rows as one model call; `BatchedPyTorch` runs it on a pytorch model (below), and
+`BatchedOnnx` on an ONNX-contract export (specdec/backends/batched_onnx.py). On pytorch:
 - row b's entries live in slots 0 .. used_b - 1 of buffer row b (used = committed + pending); the
   call attends over slots 0 .. S - 1, S the largest row's end, and the additive mask hides each
   row's slots that are not its own committed, pending or new entries;
 - queries are padded to the longest row's Q; a padding query sees only itself, and its KV lands
   past the row's real entries, where a later forward or commit overwrites it;
-- a row without a forward this call gets one padding query: every call spans all rows, so the
-  buffer is handed to attention as a view, never gathered.
+- a call spans rows 0 .. k - 1, k - 1 the highest row with a forward, so the buffer is handed to
+  attention as a view, never gathered; a row below k without a forward gets padding queries. The
+  batched loop keeps its sequences in the lowest rows (`move_row`), so a draining batch costs what
+  its running rows cost.
 A prefill (a sequence joining its row) runs alone on that row's view of the buffer.
 
 Example (2 rows; row 0 has 5 committed and a 3-node tree, row 1 has 2 committed and 1 query):
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from abc import ABC, abstractmethod
 
 from specdec.backends.base import Backend, BackendOptions
 from specdec.backends.clock import ForwardClock
@@ -69,12 +74,6 @@ class _RowsLayer(CacheLayerMixin):
         self._values[rows, :, self.slots] = value_states.transpose(1, 2)
         return self._keys[self.select, :, : self.end], self._values[self.select, :, : self.end]
 
-    def move(self, row: int, index: torch.Tensor, start: int) -> None:
-        """In `row`, copy the entries at `index` [n] to slots start .. start + n - 1."""
-        if self.is_initialized:
-            end = start + index.shape[0]
-            self._keys[row, :, start:end] = self._keys[row].index_select(1, index)
-            self._values[row, :, start:end] = self._values[row].index_select(1, index)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.end, 0
@@ -89,45 +88,59 @@ class _RowsLayer(CacheLayerMixin):
         pass
 
 
-class BatchedPyTorch:
-    """`rows` sequences over the model of a pytorch backend (its weights are shared, not copied)."""
+class BatchedRows(ABC):
+    """`rows` sequences over one model. A subclass keeps the KV buffers (`buffers`) and runs one
+    model call over rows 0 .. k - 1 (`_call`)."""
 
-    def __init__(self, backend: PyTorchBackend, rows: int):
-        if backend.fixed is not None:
-            raise SpecdecError("batched decoding does not run with cuda_graphs yet; set cuda_graphs: false")
-        self.model, self.device, self.dtype = backend.model, backend.device, backend.dtype
-        self.cache_argument = backend.cache_argument
-        self.feature_layers = backend._feature_layers  # an EAGLE-3 draft reads the inputs of these layers
-        self.layer_inputs = LayerInputs.of(self.model)
-        self.cache = Cache(layers=[_RowsLayer(rows) for _ in range(backend.num_layers)])
-        self.clock = ForwardClock(self.device)
+    clock: ForwardClock
+
+    def __init__(self, backend: Backend, rows: int):
         self.rows = [Row(self, backend, b) for b in range(rows)]
+
+    @abstractmethod
+    def buffers(self) -> list[torch.Tensor]:
+        """Every layer's key and value buffer, [B, H_kv, capacity, D] (none before the first call)."""
+
+    @abstractmethod
+    def _call(self, span: int, ids: torch.Tensor, positions: torch.Tensor, used: list[int],
+              visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One model call over rows 0 .. span - 1: ids, positions [k, Q]; row b's existing entries
+        are slots 0 .. used[b] - 1, its new ones go to slots used[b] .. used[b] + Q - 1, and
+        visible [k, Q, max(used) + Q] says what each query sees, existing slots first, then the
+        Q new entries -> logits [k, Q, V], features [k, Q, F] (or None)."""
+
+    @abstractmethod
+    def prefill_row(self, index: int, input_ids: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append a prompt [1, L] to row `index` after its `start` entries -> last logits [1, V],
+        features [L, F] (or None)."""
 
     @torch.inference_mode()
     def forward_rows(self, requests: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
         """{row: (input_ids, position_ids [1, Q_b], mask [1, Q_b, S_b + Q_b])} -> {row: logits [Q_b, V]}
-        from one model call; each row's Q_b entries become pending, as `Backend.forward` would."""
+        from one model call over rows 0 .. max(requests); each row's Q_b entries become pending,
+        as `Backend.forward` would."""
+        span = max(requests) + 1
         query = max(ids.shape[1] for ids, _, _ in requests.values())
-        used = [row.committed_len + row.pending_len for row in self.rows]
-        end = max(used) + query
-        ids = torch.zeros(len(self.rows), query, dtype=torch.long)  # [B, Q]
-        slots = torch.tensor(used)[:, None] + torch.arange(query)  # [B, Q]
-        positions = slots.clone()  # padding queries: any valid position
-        blocked = torch.finfo(self.dtype).min
-        additive = torch.full((len(self.rows), 1, query, end), blocked, dtype=self.dtype)  # [B, 1, Q, S]
-        for b, row in enumerate(self.rows):
-            additive[b, 0, :, : row.committed_len] = 0.0
+        used = [row.committed_len + row.pending_len for row in self.rows[:span]]
+        ids = torch.zeros(span, query, dtype=torch.long)  # [k, Q]
+        positions = torch.tensor(used)[:, None] + torch.arange(query)  # [k, Q]
+        positions.clamp_(max=self.rows[0].max_length - 1)  # padding queries: any valid position
+        visible = torch.zeros(span, query, max(used) + query, dtype=torch.bool)  # [k, Q, S + Q]
+        width = max(used)
+        for b, row in enumerate(self.rows[:span]):
+            visible[b, :, : row.committed_len] = True
             count = 0
             if b in requests:
                 row_ids, row_positions, mask = requests[b]
                 count = row_ids.shape[1]
                 ids[b, :count], positions[b, :count] = row_ids[0], row_positions[0]
-                additive[b, 0, :count, row.committed_len : used[b] + count].masked_fill_(mask[0], 0.0)
+                visible[b, :count, row.committed_len : used[b]] = mask[0, :, : row.pending_len]
+                visible[b, :count, width : width + count] = mask[0, :, row.pending_len :]
             padding = torch.arange(count, query)
-            additive[b, 0, padding, used[b] + padding] = 0.0  # a padding query sees itself
+            visible[b, padding, width + padding] = True  # a padding query sees itself
         before = self.clock.seconds
         with self.clock.timing():
-            logits, features = self._call(slice(0, len(self.rows)), ids, positions, additive, slots, end, 0)  # [B, Q, V]
+            logits, features = self._call(span, ids, positions, used, visible)  # [k, Q, V]
         seconds = self.clock.seconds - before
         out = {}
         for b, (row_ids, _, _) in requests.items():
@@ -140,7 +153,68 @@ class BatchedPyTorch:
                 row.features = features[b, : row_ids.shape[1]]  # [Q_b, F]
         return out
 
-    def _call(self, select: slice, ids, positions, additive, slots, end: int, logits_to_keep: int):
+    @torch.inference_mode()
+    def keep(self, index: int, keep: list[int], start: int) -> None:
+        """In row `index`, move the entries at start + keep[i] to slots start .. start + len(keep) - 1."""
+        if keep == list(range(len(keep))):
+            return
+        slots = torch.tensor(keep, dtype=torch.long) + start
+        for buffer in self.buffers():
+            slots = slots.to(buffer.device)
+            buffer[index, :, start : start + len(keep)] = buffer[index].index_select(1, slots)
+
+    @torch.inference_mode()
+    def move_row(self, source: int, destination: int) -> None:
+        """Move the sequence of row `source` (its committed entries; none pending) to the unused
+        row `destination`: the `Row` object moves with it, so whoever holds it keeps using it."""
+        moving, free = self.rows[source], self.rows[destination]
+        if moving.pending_len:
+            raise RuntimeError("move a row between steps, with nothing pending")
+        for buffer in self.buffers():
+            buffer[destination, :, : moving.committed_len] = buffer[source, :, : moving.committed_len]
+        moving.index, free.index = destination, source
+        self.rows[source], self.rows[destination] = free, moving
+        free.reset()
+
+
+class BatchedPyTorch(BatchedRows):
+    """`rows` sequences over the model of a pytorch backend (its weights are shared, not copied)."""
+
+    def __init__(self, backend: PyTorchBackend, rows: int):
+        if backend.fixed is not None:
+            raise SpecdecError("batched decoding does not run with cuda_graphs yet; set cuda_graphs: false")
+        self.model, self.device, self.dtype = backend.model, backend.device, backend.dtype
+        self.cache_argument = backend.cache_argument
+        self.feature_layers = backend._feature_layers  # an EAGLE-3 draft reads the inputs of these layers
+        self.layer_inputs = LayerInputs.of(self.model)
+        self.cache = Cache(layers=[_RowsLayer(rows) for _ in range(backend.num_layers)])
+        self.clock = ForwardClock(self.device)
+        super().__init__(backend, rows)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [t for layer in self.cache.layers if layer.is_initialized for t in (layer._keys, layer._values)]
+
+    def _call(self, span, ids, positions, used, visible):
+        """The new entries of row b sit right after its own: the [k, 1, Q, S] additive mask puts
+        each row's columns of `visible` at its slots, S = max(used) + Q."""
+        query, width = ids.shape[1], max(used)
+        additive = torch.full((span, 1, query, width + query), torch.finfo(self.dtype).min, dtype=self.dtype)
+        for b in range(span):
+            additive[b, 0, :, : used[b]].masked_fill_(visible[b, :, : used[b]], 0.0)
+            additive[b, 0, :, used[b] : used[b] + query].masked_fill_(visible[b, :, width:], 0.0)
+        slots = torch.tensor(used)[:, None] + torch.arange(query)  # [k, Q]
+        return self._run(slice(0, span), ids, positions, additive, slots, width + query, 0)
+
+    def prefill_row(self, index, input_ids, start):
+        length = input_ids.shape[1]
+        slots = torch.arange(start, start + length)[None]  # [1, L]
+        additive = torch.zeros(1, 1, length, start + length, dtype=self.dtype)
+        causal = torch.ones(length, length, dtype=torch.bool).tril_()
+        additive[0, 0, :, start:].masked_fill_(~causal, torch.finfo(self.dtype).min)
+        logits, features = self._run(slice(index, index + 1), input_ids, slots, additive, slots, start + length, 1)
+        return logits[:, -1], None if features is None else features[0]
+
+    def _run(self, select: slice, ids, positions, additive, slots, end: int, logits_to_keep: int):
         """One model call over the rows `select` -> logits [n, Q or 1, V], features [n, Q, F] (or None)."""
         for layer in self.cache.layers:
             layer.select, layer.slots, layer.end = select, slots.to(self.device), end
@@ -154,13 +228,13 @@ class BatchedPyTorch:
 
 
 class Row(Backend):
-    """One row of a `BatchedPyTorch`: the Backend contract over that row's entries."""
+    """One row of a `BatchedRows`: the Backend contract over that row's entries."""
 
-    name = "pytorch"
+    name = "row"
     Options = BackendOptions
 
-    def __init__(self, batch: BatchedPyTorch, backend: PyTorchBackend, index: int):
-        self.batch, self.index = batch, index
+    def __init__(self, batch: BatchedRows, backend: Backend, index: int):
+        self.batch, self.index, self.name = batch, index, backend.name
         self.vocab_size, self.max_length, self.device = backend.vocab_size, backend.max_length, backend.device
         self.eos_token_ids, self.num_layers = backend.eos_token_ids, backend.num_layers
         self.features: torch.Tensor | None = None
@@ -169,33 +243,23 @@ class Row(Backend):
 
     @classmethod
     def load(cls, model: str, options: BackendOptions) -> Row:
-        raise SpecdecError("a batch row is made by BatchedPyTorch, not loaded")
+        raise SpecdecError("a batch row is made by a batched backend, not loaded")
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self._pending:
             raise RuntimeError("prefill with pending entries; commit or rollback first")
-        length, start = input_ids.shape[1], self._committed
-        slots = torch.arange(start, start + length)[None]  # [1, L]
-        additive = torch.zeros(1, 1, length, start + length, dtype=self.batch.dtype)
-        causal = torch.ones(length, length, dtype=torch.bool).tril_()
-        additive[0, 0, :, start:].masked_fill_(~causal, torch.finfo(self.batch.dtype).min)
-        logits, features = self.batch._call(slice(self.index, self.index + 1), input_ids, slots, additive, slots,
-                                            start + length, 1)
+        logits, features = self.batch.prefill_row(self.index, input_ids, self._committed)
         if features is not None:
-            self.features = features[0]  # [L, F]
-        self._committed += length
-        return logits[:, -1]
+            self.features = features  # [L, F]
+        self._committed += input_ids.shape[1]
+        return logits
 
     def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
         return self.batch.forward_rows({self.index: (input_ids, position_ids, mask)})[self.index][None]
 
-    @torch.inference_mode()
     def commit(self, keep: list[int]) -> None:
-        if keep != list(range(len(keep))):
-            index = (torch.tensor(keep, dtype=torch.long) + self._committed).to(self.device)
-            for layer in self.batch.cache.layers:
-                layer.move(self.index, index, self._committed)
+        self.batch.keep(self.index, keep, self._committed)
         self._committed += len(keep)
         self._pending = 0
 

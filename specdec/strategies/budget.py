@@ -14,10 +14,18 @@ skipped (plain `ar` steps) for a doubling number of steps, then probed again.
 Example (t_target: 1 node 30 ms, 2 nodes 32 ms; the draft start 4 ms; estimate 0.6): without the
 node 1 / 34 ms = 29 tok/s, with it 1.6 / 36 ms = 44 tok/s, above plain decoding's 1 / 30 ms = 33
 tok/s: the node joins.
+
+In a batch (specdec/batch.py) the rate is the whole batch's: B rows step in one target forward of
+t(B, N) seconds (the measured surface; N the largest row's tree, as trees are padded), every row
+emits at least one token, and the rows planned earlier in the step (`Load`) have added their
+expected tokens, draft seconds and nodes. A row's node joins only when it raises the batch's
+tokens per second, so speculation shrinks as B grows and t(B, N) steepens, stops where no node
+pays, and returns as the batch drains.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import PlainValidator
@@ -43,21 +51,38 @@ PRIOR = {"draft": (1.0, 1.0), "lookup": (0.5, 1.0)}  # (observed, predicted) bef
 MAX_BACKOFF = 32
 
 
+@dataclass
+class Load:
+    """One batched step so far: `rows` sequences share the target forward; the rows planned so
+    far add `extra` expected tokens (beyond one each), `draft_seconds`, and trees of up to
+    `nodes` + 1 entries."""
+
+    rows: int
+    extra: float = 0.0
+    draft_seconds: float = 0.0
+    nodes: int = 0
+
+
 class Planner:
-    """Per-strategy state of `auto`: acceptance scales, the current step's budget, the backoff."""
+    """Per-strategy state of `auto`: acceptance scales, the current step's budget, the backoff.
+    `load` is the batch's step when the sequence decodes in a batch (None: alone)."""
 
     def __init__(self, costs: CostModel):
         self.costs = costs
+        self.load: Load | None = None
         self.reset()
 
     def reset(self) -> None:
         self.scales: dict[tuple[str, int], list[float]] = {}
-        self.skip, self.backoff = 0, 1
+        self.skip, self.backoff, self.backoff_rows = 0, 1, 1
         self.top_prob = 0.5  # recent mean of the best draft probability at an opened node
 
     # -- one step ------------------------------------------------------------------------------
     def should_draft(self) -> bool:
-        """False while backing off after a step that found nothing worth drafting."""
+        """False while backing off after a step that found nothing worth drafting, unless the
+        batch has shrunk since (fewer rows: nodes may pay again)."""
+        if self.load is not None and self.load.rows < self.backoff_rows:
+            self.skip, self.backoff = 0, 1
         if self.skip > 0:
             self.skip -= 1
             return False
@@ -72,9 +97,13 @@ class Planner:
     def draft_forward(self, queries: int) -> None:
         self.draft_seconds += self.costs.draft_seconds(queries, self.context)
 
-    def _rate(self, nodes: int, expected: float, extra_seconds: float = 0.0) -> float:
-        seconds = self.draft_seconds + extra_seconds + self.costs.target_seconds(nodes + 1, self.context)
-        return expected / seconds
+    def _rate(self, nodes: int, expected: float, draft_seconds: float) -> float:
+        """Expected tokens per second of the step (of the whole batch, in a batch) if this
+        sequence drafts `nodes` nodes expected to yield `expected` tokens in `draft_seconds`."""
+        load = self.load or Load(rows=1)
+        rows = self.load.rows if self.load else None
+        target = self.costs.target_seconds(max(nodes, load.nodes) + 1, self.context, rows)
+        return (load.rows - 1 + load.extra + expected) / (load.draft_seconds + draft_seconds + target)
 
     def pays(self, estimate: float, feed_queries: int = 0) -> bool:
         """Whether one more node of this estimate (after a draft forward of `feed_queries`
@@ -82,8 +111,8 @@ class Planner:
         the rate so far and plain decoding's (no draft forward at all), so a draft that costs
         more than it saves is given up."""
         extra = self.costs.draft_seconds(feed_queries, self.context) if feed_queries else 0.0
-        plain = 1.0 / self.costs.target_seconds(1, self.context)
-        return self._rate(self.nodes + 1, self.expected + estimate, extra) > max(self._rate(self.nodes, self.expected), plain)
+        grown = self._rate(self.nodes + 1, self.expected + estimate, self.draft_seconds + extra)
+        return grown > max(self._rate(self.nodes, self.expected, self.draft_seconds), self._rate(0, 1.0, 0.0))
 
     def add(self, estimate: float) -> None:
         self.nodes += 1
@@ -103,9 +132,15 @@ class Planner:
         return estimate * self.conditional("draft", depth + 1, self.top_prob)
 
     def end(self) -> None:
-        """After proposing: back off when nothing paid, else draft every step."""
+        """After proposing: add this tree to the batch's step; back off when nothing paid, else
+        draft every step."""
+        if self.load is not None:
+            self.load.extra += self.expected - 1.0
+            self.load.draft_seconds += self.draft_seconds
+            self.load.nodes = max(self.load.nodes, self.nodes)
         if self.nodes == 0:
             self.skip, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
+            self.backoff_rows = self.load.rows if self.load is not None else 1
         else:
             self.backoff = 1
 

@@ -1,0 +1,86 @@
+"""Batched forwards on an ONNX-contract export (specdec/backends/onnx_contract.py), through the
+contract's batch dimension: B rows of KV buffers [B, H_kv, capacity, D] per layer and key/value.
+
+A call over rows 0 .. k - 1 passes their buffers (a contiguous view, never a copy) as the past and
+a mask [k, 1, Q, C + Q], C the capacity: in the graph the Q new entries come after the C past
+slots. Each row's Q new entries (`present`, [k, H_kv, Q, D]) are then written at its own slots
+used_b .. used_b + Q - 1; a padding query's entry lands past the row's real ones, where a later
+forward or commit overwrites it. Rows, bookkeeping and masks are shared with the pytorch path
+(specdec/backends/batched.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.backends.batched import BatchedRows
+from specdec.backends.clock import ForwardClock
+from specdec.backends.onnx_contract import CAPACITY_STEP, OnnxContractBackend
+
+
+class BatchedOnnx(BatchedRows):
+    """`rows` sequences over the session (or engine) of an ONNX-contract backend."""
+
+    def __init__(self, backend: OnnxContractBackend, rows: int):
+        self.backend, self.device, self.dtype = backend, backend.device, backend.dtype
+        heads, dim = backend.manifest["kv_heads"], backend.manifest["head_dim"]
+        # zeros: slots the mask hides must hold finite values
+        self.kv = [torch.zeros(rows, heads, 0, dim, dtype=self.dtype, device=self.device) for _ in range(2 * backend.num_layers)]
+        self.clock = ForwardClock(self.device)
+        super().__init__(backend, rows)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return self.kv
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self.kv[0].shape[2]
+        if needed <= capacity:
+            return
+        capacity = max(needed, min(-(-needed // CAPACITY_STEP) * CAPACITY_STEP, self.backend.max_length))
+        for i, old in enumerate(self.kv):
+            new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+            new[:, :, : old.shape[2]] = old
+            self.kv[i] = new
+
+    def _call(self, span, ids, positions, used, visible):
+        self._reserve(max(used) + ids.shape[1])
+        return self._execute(0, ids, positions, used, visible)
+
+    def prefill_row(self, index, input_ids, start):
+        """In chunks of the backend's `prefill_chunk` tokens, as a single sequence's prefill."""
+        features, chunk_size = [], self.backend.prefill_chunk
+        for offset in range(0, input_ids.shape[1], chunk_size):
+            chunk = input_ids[:, offset : offset + chunk_size]
+            length, used = chunk.shape[1], start + offset
+            visible = torch.ones(1, length, used + length, dtype=torch.bool)  # [1, L, S + L]
+            visible[0, :, used:] = torch.ones(length, length, dtype=torch.bool).tril_()
+            self._reserve(used + length)
+            logits, chunk_features = self._execute(index, chunk, torch.arange(used, used + length)[None], [used], visible)
+            if chunk_features is not None:
+                features.append(chunk_features[0])
+        return logits[:, -1], torch.cat(features) if features else None
+
+    def _execute(self, first: int, ids, positions, used: list[int], visible):
+        """One graph run over rows first .. first + k - 1 (see `BatchedRows._call`)."""
+        count, query = ids.shape
+        rows = slice(first, first + count)
+        width, capacity = max(used), self.kv[0].shape[2]
+        mask = torch.zeros(count, 1, query, capacity + query, dtype=torch.bool)  # [k, 1, Q, C + Q]
+        mask[:, 0, :, :width] = visible[:, :, :width]
+        mask[:, 0, :, capacity:] = visible[:, :, width:]
+        inputs = [t.to(self.device, non_blocking=True) for t in (ids, positions, mask)] + [t[rows] for t in self.kv]
+        outputs = self._outputs(count, query)
+        self.backend.execute(inputs, outputs)
+        index = torch.arange(first, first + count, device=self.device)[:, None]  # [k, 1]
+        slots = (torch.tensor(used)[:, None] + torch.arange(query)).to(self.device)  # [k, Q]
+        for buffer, new in zip(self.kv, outputs[1 : 1 + len(self.kv)]):
+            buffer[index, :, slots] = new.transpose(1, 2)  # [k, Q, H_kv, D]
+        columns = self.backend._feature_columns
+        features = outputs[-1].index_select(2, columns) if columns is not None else None  # [k, Q, F]
+        return outputs[0].float(), features
+
+    def _outputs(self, count: int, query: int) -> list[torch.Tensor]:
+        """Empty outputs of a run over `count` rows: logits [k, Q, V], presents [k, H_kv, Q, D],
+        then features [k, Q, F_all] if the export has them."""
+        one = self.backend.output_buffers(query)  # a single sequence's, batch 1 (empty: nothing is filled)
+        return [torch.empty(count, *t.shape[1:], dtype=t.dtype, device=self.device) for t in one]

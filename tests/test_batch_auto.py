@@ -1,0 +1,180 @@
+"""Load-aware `auto` budgets in batched decoding (issue 21): the t(B, N) surface is measured,
+cached and reused; a row's node joins only when it raises the whole batch's tokens per second, so
+speculation stops when the batch is full and returns as it drains; trees stay inside every row's
+node cap and context; greedy output is unchanged."""
+
+from __future__ import annotations
+
+import pytest
+
+import specdec.batch
+import specdec.costs
+from helpers import hf_greedy
+from specdec.backends.pytorch import PyTorchBackend
+from specdec.config import GenerationOptions
+from specdec.costs import CostModel, Curve, Surface, load_or_measure_surface, row_counts
+from specdec.decode import Sequence
+from specdec.decoder import SpeculativeDecoder
+from specdec.plugins import get_strategy
+from specdec.strategies.budget import Load, Planner
+
+PROMPTS = [[3, 17, 42], [5, 6, 7, 8, 9, 10, 11, 12, 13], [1], [9, 9, 2, 4, 8], [60, 5, 5, 21, 30, 31], [7, 7]]
+AUTO = {
+    "chain": ("chain", {"k": "auto"}),
+    "dyspec": ("dyspec", {"max_nodes": "auto", "node_cap": 6, "max_depth": 4}),
+    "hybrid": ("hybrid", {"max_nodes": "auto", "node_cap": 6, "max_depth": 4}),
+}
+
+
+def curve(*seconds: float, queries=(1, 2)) -> Curve:
+    return Curve(list(queries), [0], [list(seconds)])
+
+
+ALONE = CostModel(curve(0.010, 0.010), curve(0.0001, 0.0001))  # one row: nodes free, the draft nearly so
+# one row: nodes free; two or more rows: every node of the padded trees costs a whole forward per row
+CROWDED = Surface([1, 2, 8], [curve(0.010, 0.010), curve(0.020, 0.040), curve(0.080, 0.160)])
+ROOMY = Surface([1, 8], [curve(0.010, 0.010), curve(0.011, 0.011)])  # rows and nodes nearly free
+
+
+def auto_decoder(target_model, draft_model, label: str, surface: Surface, monkeypatch) -> SpeculativeDecoder:
+    name, options = AUTO[label]
+    component = get_strategy(name)
+    strategy = component.cls(component.cls.Options(**options))
+    strategy.set_costs(ALONE)
+    monkeypatch.setattr(specdec.batch, "load_or_measure_surface", lambda spec, backend, rows: surface)
+    return SpeculativeDecoder(PyTorchBackend(target_model), PyTorchBackend(draft_model), strategy, GenerationOptions())
+
+
+def record_plans(monkeypatch) -> list[tuple[int, int]]:
+    """(rows in the step, nodes planned) of every planned tree."""
+    plans = []
+    end = Planner.end
+
+    def recording(self):
+        plans.append((self.load.rows, self.nodes))
+        end(self)
+
+    monkeypatch.setattr(Planner, "end", recording)
+    return plans
+
+
+@pytest.mark.parametrize("label", list(AUTO))
+def test_speculation_stops_when_the_batch_fills_and_returns_as_it_drains(label, models, monkeypatch):
+    from specdec.batch import decode_batch
+
+    target = models("llama", 0)
+    decoder = auto_decoder(target, target, label, CROWDED, monkeypatch)  # the draft is the target: always right
+    plans = record_plans(monkeypatch)
+    lengths = [4, 30, 6, 8, 5, 40]  # the last two outlive the rest: the batch drains to one row
+    requests = [decoder._request(p, None, {"max_new_tokens": n}) for p, n in zip(PROMPTS, lengths)]
+    results = decode_batch(decoder, requests, 3)
+    assert [tokens for tokens, _ in results] == [hf_greedy(target, p, n) for p, n in zip(PROMPTS, lengths)]
+    crowded = [nodes for rows, nodes in plans if rows >= 2]
+    alone = [nodes for rows, nodes in plans if rows == 1]
+    assert crowded and all(nodes == 0 for nodes in crowded)  # no node pays for 2+ rows
+    assert alone and all(nodes > 0 for nodes in alone)  # one row: every step drafts again, no backoff left over
+    assert results[-1][1].accepted_tokens > 0  # its steps alone accepted draft tokens
+
+
+def test_rows_plan_jointly_within_the_padded_tree(models, monkeypatch):
+    """With free rows and nodes, every row drafts; the batch's padded size is the largest tree."""
+    target = models("llama", 0)
+    decoder = auto_decoder(target, target, "dyspec", ROOMY, monkeypatch)
+    plans = record_plans(monkeypatch)
+    outputs = decoder.generate_batch(PROMPTS, batch_size=4, max_new_tokens=24)
+    assert [o.token_ids for o in outputs] == [hf_greedy(target, p, 24) for p in PROMPTS]
+    full = [nodes for rows, nodes in plans if rows == 4]
+    assert full and all(nodes <= 6 for nodes in full)
+    assert sum(nodes == 6 for nodes in full) >= 0.8 * len(full)  # the node cap, in every row (but near the end)
+    assert min(o.metrics.mean_accepted_length for o in outputs) > 2.0
+
+
+def test_the_planner_values_the_batch_not_the_row():
+    costs = CostModel(curve(0.010, 0.010), None, CROWDED)
+    planner = Planner(costs)
+    planner.load = Load(rows=1)
+    planner.begin(100)
+    assert planner.pays(0.5)  # one row: a free node of 0.5 pays
+    planner.load = Load(rows=8)
+    planner.begin(100)
+    assert not planner.pays(0.9)  # 8 rows: the node doubles the forward, for 0.9 of 8 tokens
+    # a row planned after one that drafted 3 nodes: the forward is padded to 4 entries already, so
+    # its own nodes up to 3 cost nothing more
+    planner.load = Load(rows=2, extra=1.5, nodes=3)
+    planner.begin(100)
+    for _ in range(3):
+        assert planner.pays(0.1)
+        planner.add(0.1)
+    assert not planner.pays(0.1)
+    planner.end()
+    assert planner.load.nodes == 3 and planner.load.extra == pytest.approx(1.8)
+
+
+@pytest.mark.parametrize("label", ["dyspec", "hybrid", "chain"])
+def test_batched_auto_trees_stay_inside_every_rows_node_cap_and_context(label, models, monkeypatch):
+    target = models("llama", 0)
+    decoder = auto_decoder(target, target, label, ROOMY, monkeypatch)
+    limit = decoder.target.max_length
+    prompts = [(p * 200)[: limit - 12 - i] for i, p in enumerate(PROMPTS)]  # each row near the end of its context
+    seen = []
+    inputs = Sequence.target_inputs
+
+    def checking(self, tree):
+        ids, positions, mask = inputs(self, tree)
+        seen.append((len(tree) - 1, int(positions.max())))
+        return ids, positions, mask
+
+    monkeypatch.setattr(Sequence, "target_inputs", checking)
+    outputs = decoder.generate_batch(prompts, batch_size=4, max_new_tokens=12)
+    assert [o.token_ids for o in outputs] == [hf_greedy(target, p, len(o.token_ids)) for p, o in zip(prompts, outputs)]
+    cap = 16 if label == "chain" else 6  # chain: its max_k
+    assert max(n for n, _ in seen) >= 2
+    assert all(n <= cap and deepest <= limit - 1 for n, deepest in seen)
+
+
+def test_the_surface_is_measured_cached_and_reused(models, write_config, monkeypatch, tmp_path):
+    from specdec.config import load_config
+
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path / "cache"))
+    config = load_config(write_config())
+    backend = PyTorchBackend(models("llama", 0))
+    measured = []
+    measure = specdec.costs.measure_surface
+
+    def counting(backend, max_rows, **kwargs):
+        measured.append(max_rows)
+        return measure(backend, max_rows, queries=(1, 2, 4), contexts=(8,), repeats=1)
+
+    monkeypatch.setattr(specdec.costs, "measure_surface", counting)
+    first = load_or_measure_surface(config.target, backend, 4)
+    assert first.rows == [1, 2, 4] == row_counts(4) and [c.queries for c in first.curves] == [[1, 2, 4]] * 3
+    assert all(t > 0 for c in first.curves for t in c.seconds[0])
+    again = load_or_measure_surface(config.target, backend, 3)  # fewer rows: the cached surface serves
+    assert again == first and measured == [4]
+    assert load_or_measure_surface(config.target, backend, 6).rows == [1, 2, 4, 6] and measured == [4, 6]
+    assert load_or_measure_surface(None, backend, 2).rows == [1, 2] and measured == [4, 6, 2]  # no spec: not cached
+    assert row_counts(1) == [1] and row_counts(16) == [1, 2, 4, 8, 16]
+
+
+def test_surface_interpolates_between_batch_sizes():
+    surface = Surface([1, 4], [curve(0.010, 0.020), curve(0.040, 0.080)])
+    assert surface.at(1, 1, 0) == pytest.approx(0.010)
+    assert surface.at(2, 2, 0) == pytest.approx(0.020 + (0.080 - 0.020) / 3)
+    costs = CostModel(curve(0.5, 0.5), None, surface)
+    assert costs.target_seconds(1, 0) == 0.5 and costs.target_seconds(1, 0, rows=4) == pytest.approx(0.040)
+
+
+def test_calibrate_shows_and_plots_the_batched_surface(capsys, write_config, monkeypatch, tmp_path):
+    from test_cli import run_cli
+
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path / "cache"))
+    curve_measure, surface_measure = specdec.costs.measure_curve, specdec.costs.measure_surface
+    monkeypatch.setattr(specdec.costs, "measure_curve", lambda backend, **kw: curve_measure(backend, (1, 2), (8,), 1))
+    monkeypatch.setattr(specdec.costs, "measure_surface",
+                        lambda backend, rows, **kw: surface_measure(backend, rows, (1, 2), (8,), 1))
+    config, plot = str(write_config()), tmp_path / "costs.png"
+    code, out, err = run_cli(capsys, "calibrate", config, "--batch-size", "3", "--plot", str(plot))
+    assert code == 0, err
+    assert "target, batched: cached in" in out and plot.stat().st_size > 0
+    table = out[out.index("target, batched"):].splitlines()
+    assert [line.split()[0] for line in table[3:6]] == ["1", "2", "3"]  # a line per measured batch size
