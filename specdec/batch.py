@@ -41,40 +41,83 @@ def decode_batch(decoder, requests: list, batch_size: int, on_tokens: Callable[[
     every sequence's StepStats."""
     if batch_size < 1:
         raise SpecdecError(f"batch size must be at least 1, got {batch_size}")
-    rows = min(batch_size, len(requests))
-    target = batched_backend(decoder.target, rows)
-    costs = _batch_costs(decoder, rows)
-    drafts = [_row_draft(decoder.draft) for _ in range(rows)]
+    loop = BatchLoop(decoder, min(batch_size, len(requests)), on_step)
     waiting = deque(enumerate(requests))
-    running: dict[int, tuple[int, Sequence]] = {}  # row -> (request index, sequence)
+    index_of: dict[int, int] = {}  # id(sequence) -> request index
     results: list = [None] * len(requests)
-    while waiting or running:
-        for row in range(rows):  # free rows take waiting prompts (a prompt may finish at once)
-            while row not in running and waiting:
-                index, request = waiting.popleft()
-                stream = None if on_tokens is None else partial(on_tokens, index)
-                sequence = Sequence(target.rows[row], drafts[row], _row_strategy(decoder.strategy, costs),
-                                    request.prompt_ids, request.warp, request.stopper, request.rng, stream, on_step)
-                if sequence.done:
-                    results[index] = (sequence.generated, sequence.metrics)
-                else:
-                    running[row] = (index, sequence)
-        if not running:
-            break
-        load = Load(rows=len(running))
-        for _, sequence in running.values():
-            if sequence.strategy.planner is not None:
-                sequence.strategy.planner.load = load
-        trees = {row: sequence.propose() for row, (_, sequence) in running.items()}
-        logits = target.forward_rows({row: running[row][1].target_inputs(tree) for row, tree in trees.items()})
-        for row, tree in trees.items():
-            index, sequence = running[row]
-            sequence.finish(tree, logits[row])
+    while waiting or loop.running:
+        while loop.has_room() and waiting:  # a prompt may finish at once
+            index, request = waiting.popleft()
+            sequence = loop.join(request, None if on_tokens is None else partial(on_tokens, index))
             if sequence.done:
                 results[index] = (sequence.generated, sequence.metrics)
-                del running[row]
-        _compact(target, running, drafts)
+            else:
+                index_of[id(sequence)] = index
+        for sequence in loop.step():
+            results[index_of.pop(id(sequence))] = (sequence.generated, sequence.metrics)
     return results
+
+
+class BatchLoop:
+    """Up to `rows` sequences over one batched target: `join` a request into a free row, `step`
+    every running sequence once, `cancel` one between steps. `decode_batch` and the server's
+    worker (specdec/serve/worker.py) drive it."""
+
+    def __init__(self, decoder, rows: int, on_step: Callable[[StepStats], None] | None = None):
+        self.decoder, self.on_step = decoder, on_step
+        self.target = batched_backend(decoder.target, rows)
+        self.costs = _batch_costs(decoder, rows)
+        self.drafts = [_row_draft(decoder.draft) for _ in range(rows)]
+        self.running: dict[int, Sequence] = {}  # row -> sequence, rows 0 .. n - 1
+
+    def has_room(self) -> bool:
+        return len(self.running) < len(self.target.rows)
+
+    def join(self, request, on_tokens: Callable[[list[int]], None] | None = None) -> Sequence:
+        """Prefill `request` (a decoder's checked Request) into the lowest free row -> its
+        Sequence, already done when it stopped at its first token."""
+        row = len(self.running)
+        sequence = Sequence(self.target.rows[row], self.drafts[row], _row_strategy(self.decoder.strategy, self.costs),
+                            request.prompt_ids, request.warp, request.stopper, request.rng, on_tokens, self.on_step)
+        if not sequence.done:
+            self.running[row] = sequence
+        return sequence
+
+    def step(self) -> list[Sequence]:
+        """One draft-then-verify step of every running sequence -> the sequences that finished."""
+        if not self.running:
+            return []
+        load = Load(rows=len(self.running))
+        for sequence in self.running.values():
+            if sequence.strategy.planner is not None:
+                sequence.strategy.planner.load = load
+        trees = {row: sequence.propose() for row, sequence in self.running.items()}
+        logits = self.target.forward_rows({row: self.running[row].target_inputs(tree) for row, tree in trees.items()})
+        finished = []
+        for row, tree in trees.items():
+            sequence = self.running[row]
+            sequence.finish(tree, logits[row])
+            if sequence.done:
+                finished.append(self.running.pop(row))
+        self._compact()
+        return finished
+
+    def cancel(self, sequence: Sequence) -> None:
+        """Stop a running sequence (between steps); its row frees at once."""
+        for row, running in list(self.running.items()):
+            if running is sequence:
+                del self.running[row]
+                self._compact()
+                return
+
+    def _compact(self) -> None:
+        """Move the highest running sequences into free lower rows, so they hold rows 0 .. n - 1."""
+        for free in range(len(self.running)):
+            if free not in self.running:
+                last = max(self.running)
+                self.target.move_row(last, free)
+                self.drafts[free], self.drafts[last] = self.drafts[last], self.drafts[free]
+                self.running[free] = self.running.pop(last)
 
 
 def batched_backend(target: Backend, rows: int) -> BatchedRows:
@@ -85,16 +128,6 @@ def batched_backend(target: Backend, rows: int) -> BatchedRows:
         return BatchedOnnx(target, rows)
     raise SpecdecError(f"batched decoding runs on a pytorch or onnxruntime target, not {target.name}; "
                        "change target.backend, or decode one prompt at a time")
-
-
-def _compact(target: BatchedRows, running: dict, drafts: list) -> None:
-    """Move the highest running sequences into free lower rows, so they hold rows 0 .. n - 1."""
-    for free in range(len(running)):
-        if free not in running:
-            last = max(running)
-            target.move_row(last, free)
-            drafts[free], drafts[last] = drafts[last], drafts[free]
-            running[free] = running.pop(last)
 
 
 def _batch_costs(decoder, rows: int) -> CostModel | None:

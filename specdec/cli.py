@@ -127,7 +127,7 @@ def _parse_ids(value: str) -> list[int]:
 
 
 @cli.command()
-@click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("configs", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--prompts", type=click.Path(dir_okay=False), help="Spec-Bench question JSONL (default: benchmarks/prompts/code.jsonl)")
 @click.option("--baselines", default="ar,hf,hf-assisted,hf-prompt-lookup", show_default=True,
               help="comma-separated baselines over the first config's models ('ar' is always run); also llama-cpp "
@@ -142,12 +142,22 @@ def _parse_ids(value: str) -> list[int]:
 @click.option("--chat", is_flag=True, help="send each turn as a user message through the target's chat template")
 @click.option("--batch-size", "batch_sizes", help="comma-separated batch sizes, e.g. 1,4,8: decode every prompt's first "
               "turn at once, batched, and report aggregate throughput and latency (with --baselines ar)")
-def bench(configs, prompts, baselines, out, overrides, repeats, warmup, max_new_tokens, limit, chat, batch_sizes):
-    """Time CONFIGS against the baselines on a prompt set; write reports to --out."""
+@click.option("--server", metavar="URL", help="load a running OpenAI-compatible server instead (no CONFIGS), e.g. http://127.0.0.1:8000")
+@click.option("--concurrency", default="1,4,8,16", show_default=True, help="with --server: comma-separated client counts")
+@click.option("--api-key", envvar="SPECDEC_API_KEY", help="with --server: its key (or set SPECDEC_API_KEY)")
+def bench(configs, prompts, baselines, out, overrides, repeats, warmup, max_new_tokens, limit, chat, batch_sizes, server,
+          concurrency, api_key):
+    """Time CONFIGS against the baselines on a prompt set (or load a server); write reports to --out."""
     from pathlib import Path
 
     from specdec.bench.report import markdown, summarise, write_outputs
     from specdec.bench.runner import BenchSettings, run_bench
+
+    if (server is None) == (not configs):
+        raise click.UsageError("give CONFIGS to time, or --server URL to load a running server (not both)")
+    if server is not None:
+        _bench_server(server, api_key, prompts, chat, limit, max_new_tokens, _numbers(concurrency, "--concurrency"), Path(out))
+        return
 
     settings = BenchSettings(
         list(configs), list(overrides), prompts, [b.strip() for b in baselines.split(",") if b.strip()],
@@ -204,6 +214,22 @@ def _numbers(value: str, name: str, kind=int, least: float = 1):
     if not numbers or min(numbers) < least:
         raise click.BadParameter(f"expected {what} >= {least:g}; got {value!r}", param_hint=name)
     return numbers
+
+
+def _bench_server(url, api_key, prompts, chat, limit, max_new_tokens, levels, out) -> None:
+    from specdec.bench.prompts import load_questions
+    from specdec.bench.server import markdown, run_server_bench
+
+    turns = [q.turns[0] for q in load_questions(prompts, limit)]
+    report = run_server_bench(url, api_key or None, turns, chat, max_new_tokens or 128, levels)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    click.echo(markdown(report), nl=False)
+    click.echo(f"wrote {out}/: report.json, report.md", err=True)
+    failed = [r for r in report["runs"] if r["errors"]]
+    if failed:
+        raise SpecdecError(f"{failed[0]['errors']} requests failed at concurrency {failed[0]['concurrency']}: {failed[0]['first_error']}")
 
 
 def _bench_batched(settings, sizes: list[int], out) -> None:
@@ -421,6 +447,44 @@ def _plot_curves(curves, surface, path: str) -> None:
     import os
 
     os.replace(tmp, path)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0: every interface)")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="sequences decoded together")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1), help="requests waiting for a row; more get 503")
+@click.option("--api-key", envvar="SPECDEC_API_KEY", help="require Authorization: Bearer KEY on /v1/* (or set SPECDEC_API_KEY)")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="seconds a request may take, queueing included")
+@click.option("--max-body", default=1_000_000, show_default=True, type=click.IntRange(1), help="largest request body, bytes")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
+def serve(config, host, port, max_batch, max_queue, api_key, timeout, max_body, overrides):
+    """Serve CONFIG over an OpenAI-compatible HTTP API (chat, completions, streaming, /metrics)."""
+    import signal
+    from pathlib import Path
+
+    try:
+        import uvicorn
+
+        from specdec.serve.app import ServeSettings, create_app
+    except ImportError as error:
+        raise SpecdecError(f"specdec serve needs the [serve] extra ({error.name} is missing): pip install 'specdec[serve]'") from None
+    from specdec.config import load_config
+    from specdec.decoder import SpeculativeDecoder
+
+    api_key = api_key or None  # an empty SPECDEC_API_KEY: no key
+    decoder = SpeculativeDecoder.from_config(load_config(config, list(overrides)))
+    name = Path(config).stem
+    app = create_app(decoder, name, ServeSettings(max_batch, max_queue, api_key, timeout, max_body))
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"warning: listening on {host} without --api-key: anyone who reaches it can use the model", err=True)
+    click.echo(f"serving {name!r} on http://{host}:{port}/v1 (batch {max_batch}, queue {max_queue})", err=True)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it
+    # found: a no-op one makes that end an exit with status 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(timeout) + 5)
 
 
 @cli.command("plugins")

@@ -162,6 +162,13 @@ def measure_surface(backend, max_rows: int, queries: Sequence[int] = ROW_QUERIES
             if progress is not None:
                 progress(f"t({count} rows x Q) over {context} entries")
             seconds[count].append(monotone([_time_rows(batch, count, query, context, repeats) for query in queries]))
+    for c in range(len(contexts)):  # more rows never cost less either
+        for q in range(len(queries)):
+            column = monotone([seconds[count][c][q] for count in counts])
+            for count, value in zip(counts, column):
+                seconds[count][c][q] = value
+        for count in counts:  # and again within each row, which averaging across rows may have undone
+            seconds[count][c] = monotone(seconds[count][c])
     return Surface(counts, [Curve(list(queries), list(contexts), seconds[count]) for count in counts])
 
 

@@ -103,7 +103,7 @@ class SpeculativeDecoder:
         chat `messages` ([{"role": "user", "content": ...}, ...], rendered by the tokenizer's chat
         template; the answer ends at the template's end-of-turn token). Keyword arguments override
         the config's `generation` section for this call (max_new_tokens, temperature, seed, ...)."""
-        request = self._request(prompt, messages, generation)
+        request = self.prepare(prompt, messages, generation)
         plugins.notify("on_generation_start", decoder=self, prompt_ids=request.prompt_ids)
 
         def step(stats: StepStats) -> None:
@@ -129,14 +129,16 @@ class SpeculativeDecoder:
         if (prompts is None) == (messages is None):
             raise SpecdecError("give exactly one of prompts or messages")
         items = [(p, None) for p in prompts] if prompts is not None else [(None, m) for m in messages]
-        requests = [self._request(p, m, generation) for p, m in items]
+        requests = [self.prepare(p, m, generation) for p, m in items]
         for request in requests:
             plugins.notify("on_generation_start", decoder=self, prompt_ids=request.prompt_ids)
         results = decode_batch(self, requests, batch_size, on_tokens, on_step=lambda stats: plugins.notify("on_step", stats=stats))
         return [self._output(token_ids, metrics) for token_ids, metrics in results]
 
-    def _request(self, prompt, messages, generation: dict) -> Request:
-        """Check and encode one generation's prompt and settings."""
+    def prepare(self, prompt, messages, generation: dict, fit_context: bool = False) -> Request:
+        """Check and encode one generation's prompt (text or ids) or chat messages, and its
+        settings (the config's generation section updated by `generation`) -> a Request for the
+        loop. With `fit_context`, max_new_tokens is lowered to the room the context leaves."""
         from specdec.chat import chat_prompt_ids, end_of_turn_ids
 
         if (prompt is None) == (messages is None):
@@ -147,6 +149,8 @@ class SpeculativeDecoder:
         except Exception as exc:
             raise SpecdecError(f"bad generation option: {exc}") from None
         prompt_ids = self._encode(prompt if messages is None else chat_prompt_ids(self.tokenizer, messages))
+        if fit_context:
+            settings.max_new_tokens = max(1, min(settings.max_new_tokens, self.max_length - len(prompt_ids)))
         self._check_budget(len(prompt_ids), settings.max_new_tokens)
         eos = frozenset() if settings.ignore_eos else self.target.eos_token_ids
         eos |= frozenset(settings.stop_token_ids)
@@ -175,6 +179,11 @@ class SpeculativeDecoder:
         if bad:
             raise SpecdecError(f"prompt token {bad[0]} is outside the vocabulary (0..{self.target.vocab_size - 1})")
         return ids
+
+    @property
+    def max_length(self) -> int:
+        """The context: prompt and new tokens together (the shorter of the target's and the draft's)."""
+        return min(m.max_length for m in (self.target, self.draft) if m is not None)
 
     def _check_budget(self, prompt_len: int, max_new_tokens: int) -> None:
         models = [("target", self.target)] + ([("draft", self.draft)] if self.draft else [])

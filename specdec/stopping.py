@@ -29,11 +29,11 @@ class Stopper:
             generated.append(token)
             if len(generated) >= self.max_new_tokens or token in self.eos_token_ids:
                 return True
-            if self.stop and self._hits_stop_string(generated):
+            if self.stop and self.hits_stop_string(generated):
                 return True
         return False
 
-    def _hits_stop_string(self, generated: list[int]) -> bool:
+    def hits_stop_string(self, generated: list[int]) -> bool:
         # Checked after every token, so a hit here was completed by the newest token.
         tail = self.tokenizer.decode(generated[-self._window :], skip_special_tokens=False)
         return any(s in tail for s in self.stop)

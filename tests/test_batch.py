@@ -238,7 +238,7 @@ def batched_row_distribution(decoder, prompt: list[int], length: int, temperatur
     generation = {"max_new_tokens": length, "temperature": temperature, "top_k": top_k}
 
     def outcome(rng):
-        requests = [decoder._request(p, None, {**generation, "seed": 7}) for p in ([2, 1, 3, 3, 0], prompt)]
+        requests = [decoder.prepare(p, None, {**generation, "seed": 7}) for p in ([2, 1, 3, 3, 0], prompt)]
         requests[1].rng = rng
         return tuple(decode_batch(decoder, requests, 2)[1][0])
 

@@ -66,7 +66,7 @@ def test_speculation_stops_when_the_batch_fills_and_returns_as_it_drains(label, 
     decoder = auto_decoder(target, target, label, CROWDED, monkeypatch)  # the draft is the target: always right
     plans = record_plans(monkeypatch)
     lengths = [4, 30, 6, 8, 5, 40]  # the last two outlive the rest: the batch drains to one row
-    requests = [decoder._request(p, None, {"max_new_tokens": n}) for p, n in zip(PROMPTS, lengths)]
+    requests = [decoder.prepare(p, None, {"max_new_tokens": n}) for p, n in zip(PROMPTS, lengths)]
     results = decode_batch(decoder, requests, 3)
     assert [tokens for tokens, _ in results] == [hf_greedy(target, p, n) for p, n in zip(PROMPTS, lengths)]
     crowded = [nodes for rows, nodes in plans if rows >= 2]

@@ -69,8 +69,8 @@ def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
             "mean_accepted_length": total.mean_accepted_length,
             "drafted_nodes_per_step": total.drafted_nodes / total.steps if total.steps else 0.0,
             "first_token_p50_ms": 1e3 * statistics.median(median.first_token),
-            "inter_token_p50_ms": 1e3 * _percentile(median.gaps, 0.5),
-            "inter_token_p99_ms": 1e3 * _percentile(median.gaps, 0.99),
+            "inter_token_p50_ms": 1e3 * percentile(median.gaps, 0.5),
+            "inter_token_p99_ms": 1e3 * percentile(median.gaps, 0.99),
             "outputs_match_ar": median.outputs == ar.outputs if greedy else None,
         })
     return {"device": device_description(), "versions": versions(), "runs": rows, "settings": {
@@ -100,7 +100,7 @@ def _run(decoder, inputs: dict, batch_size: int, max_new: int) -> BatchRun:
     return BatchRun(tokens / seconds, first_token, gaps, [o.token_ids for o in outputs], [o.metrics for o in outputs])
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
