@@ -70,9 +70,11 @@ class Curve:
     seconds: list[list[float]]
 
     def at(self, query: float, context: float) -> float:
-        """t(query, context), linear between measured points, extrapolated linearly beyond them."""
+        """t(query, context), linear between measured points, extrapolated linearly beyond them,
+        except below the shortest cache measured, where it is that cache's t: extrapolating down
+        can make a larger Q look cheaper (the rows' slopes in C differ)."""
         per_context = [_interpolate(self.queries, row, query) for row in self.seconds]
-        return max(_interpolate(self.contexts, per_context, context), 1e-9)
+        return max(_interpolate(self.contexts, per_context, max(context, self.contexts[0])), 1e-9)
 
     def ratios(self, context_index: int = 0) -> list[float]:
         row = self.seconds[context_index]
@@ -88,20 +90,23 @@ class Surface:
 
     def at(self, rows: int, query: float, context: float) -> float:
         """t(rows, query, context), linear between measured batch sizes."""
-        return max(_interpolate(self.rows, [c.at(query, context) for c in self.curves], rows), 1e-9)
+        return max(_interpolate(self.rows, lambda i: self.curves[i].at(query, context), rows), 1e-9)
 
     @classmethod
     def from_dict(cls, data: dict) -> Surface:
         return cls(data["rows"], [Curve(**c) for c in data["curves"]])
 
 
-def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+def _interpolate(xs: Sequence[float], ys: Sequence[float] | Callable[[int], float], x: float) -> float:
+    """y at x, linear between the two points around x (or the last two, beyond them); `ys` may
+    be a function of the index, evaluated at those two points only."""
+    y = ys if callable(ys) else ys.__getitem__
     if len(xs) == 1:
-        return ys[0]
+        return y(0)
     i = 1
     while i < len(xs) - 1 and xs[i] < x:
         i += 1
-    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    x0, x1, y0, y1 = xs[i - 1], xs[i], y(i - 1), y(i)
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 

@@ -194,7 +194,7 @@ def test_auto_degrades_to_ar_when_nodes_cost_a_forward_each(label, models, refer
     out = decoder.generate(PROMPT, max_new_tokens=NEW_TOKENS)
     assert out.token_ids == references["llama"]
     assert all(len(tree) == 1 for _, _, tree in proposals)
-    assert 1 <= out.metrics.draft_forwards <= probes(len(proposals)) < len(proposals) // 4
+    assert out.metrics.draft_forwards == 0  # not even a probe: no first node could pay for a draft forward
 
 
 @pytest.mark.parametrize("label", list(AUTO))

@@ -46,15 +46,23 @@ def auto_decoder(target_model, draft_model, label: str, surface: Surface, monkey
 
 
 def record_plans(monkeypatch) -> list[tuple[int, int]]:
-    """(rows in the step, nodes planned) of every planned tree."""
+    """(rows in the step, nodes planned) of every step an auto planner began: 0 nodes when it
+    did not even start the draft."""
     plans = []
-    end = Planner.end
+    start, end = Planner.start, Planner.end
 
-    def recording(self):
+    def starting(self, context, lag):
+        started = start(self, context, lag)
+        if not started:
+            plans.append((self.load.rows, 0))
+        return started
+
+    def ending(self):
         plans.append((self.load.rows, self.nodes))
         end(self)
 
-    monkeypatch.setattr(Planner, "end", recording)
+    monkeypatch.setattr(Planner, "start", starting)
+    monkeypatch.setattr(Planner, "end", ending)
     return plans
 
 

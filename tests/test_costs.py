@@ -24,7 +24,8 @@ CURVE = Curve(queries=[1, 2, 4], contexts=[100, 200], seconds=[[1.0, 2.0, 4.0], 
         (3, 100, 3.0), (1.5, 200, 11.5),  # between queries
         (2, 150, 7.0), (3, 125, 5.5),  # between queries and contexts
         (8, 100, 8.0), (8, 200, 18.0),  # beyond the last query: the last segment's slope
-        (2, 300, 22.0), (2, 0, 1e-9),  # beyond the contexts (-8 there: clamped at 1e-9)
+        (2, 300, 22.0),  # beyond the longest context: the last segment's slope
+        (2, 0, 2.0), (3, 50, 3.0),  # below the shortest: its t (extrapolating down gave -8)
         (0, 100, 1e-9),  # extrapolated to 0: clamped
     ],
 )

@@ -94,6 +94,18 @@ class Planner:
         if draft_queries:
             self.draft_forward(draft_queries)
 
+    def start(self, context: int, lag: int) -> bool:
+        """Begin a step at cache length `context` with the draft `lag` entries behind -> whether
+        to draft: not while backing off, nor when even the likeliest first node (the recent best
+        draft probability, calibrated) could not pay for one draft forward, so that no forward is
+        spent on a probe that cannot pay (in a full batch, the usual case). Drafting counts the
+        start forward of the `lag` entries."""
+        self.begin(context)
+        if not self.should_draft() or not self.pays(self.prospect(1.0, 0), feed_queries=1):
+            return False
+        self.draft_forward(lag)
+        return True
+
     def draft_forward(self, queries: int) -> None:
         self.draft_seconds += self.costs.draft_seconds(queries, self.context)
 

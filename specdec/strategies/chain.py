@@ -58,10 +58,9 @@ class ChainStrategy(Strategy):
         return drafter.tree()
 
     def _propose_auto(self, draft: Backend, ctx: DraftContext, planner) -> DraftTree:
-        if not planner.should_draft():
+        if not planner.start(len(ctx.tokens), len(ctx.tokens) - draft.committed_len):
             return chain_tree([ctx.tokens[-1]])
         drafter = TreeDrafter(draft, ctx)
-        planner.begin(len(ctx.tokens), len(ctx.tokens) - draft.committed_len)
         probs, node, estimate = drafter.start(), 0, 1.0
         self._raw = [1.0]
         for depth in range(1, min(self.options.max_k, ctx.max_depth) + 1):

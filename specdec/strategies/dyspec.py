@@ -129,11 +129,10 @@ class DySpecStrategy(Strategy):
     def propose(self, draft: Backend, ctx: DraftContext) -> DraftTree:
         opts = self.options
         planner = self.auto_planner() if opts.max_nodes == "auto" else None
-        use_draft = planner is None or planner.should_draft()  # skipped: a root-only (or lookup-only) tree
+        # not drafting (auto): a root-only (or lookup-only) tree
+        use_draft = planner is None or planner.start(len(ctx.tokens), len(ctx.tokens) - draft.committed_len)
         drafter = TreeDrafter(draft, ctx)
         growth = self._growth = self.growth(drafter, min(opts.max_depth, ctx.max_depth), planner)
-        if planner is not None:
-            planner.begin(len(ctx.tokens), len(ctx.tokens) - draft.committed_len if use_draft else 0)
         if use_draft:
             growth.open(0, drafter.start())
         if planner is not None:
