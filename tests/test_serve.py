@@ -252,6 +252,17 @@ def test_a_full_queue_answers_503_with_retry_after(small):
     small.wait_for(lambda health: health["running"] == 0 and health["queued"] == 0)
 
 
+def test_a_request_past_the_time_limit_is_stopped_with_504(config_path):
+    server = Server(config_path, timeout=0.3)
+    try:
+        status, answer, _ = server.request("/v1/completions", {"prompt": "def add(a, b):", "max_tokens": 1900})
+        assert status == 504 and answer["error"]["code"] == "timeout"
+        server.wait_for(lambda health: health["running"] == 0)
+        assert server.client().completions.create(model="demo-chain", prompt="import os", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        server.stop()
+
+
 def test_metrics_count_requests_tokens_and_speculation(server):
     server.client().completions.create(model="demo-chain", prompt="class Stack:", max_tokens=16, temperature=0)
     status = urllib.request.urlopen(server.url + "/metrics").read().decode()
@@ -266,6 +277,7 @@ def test_metrics_count_requests_tokens_and_speculation(server):
     assert values['specdec_draft_position_reached_total{position="1"}'] >= values['specdec_draft_position_accepted_total{position="1"}'] > 0
     assert values["specdec_batch_rows"] == 4 and "specdec_queue_depth" in values
     assert values["specdec_batch_step_seconds_count"] > 0 and values["specdec_time_to_first_token_seconds_count"] > 0
+    assert 0 < values["specdec_target_forward_seconds_sum"] <= values["specdec_batch_step_seconds_sum"]
 
 
 def test_sigterm_stops_the_server_gracefully(config_path, tmp_path):

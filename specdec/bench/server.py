@@ -31,6 +31,7 @@ class Reply:
     chunk_times: list[float] = field(default_factory=list)
     tokens: int = 0
     steps: int = 0  # verification steps (specdec servers), 0 when unknown
+    accepted: int = 0  # draft tokens accepted in them
     error: str | None = None
 
 
@@ -95,7 +96,7 @@ def _read_chunk(data: dict, reply: Reply, now: float) -> None:
         reply.tokens = data["usage"]["completion_tokens"]
     spec = (data.get("metrics") or {}).get("speculative_decoding")
     if spec:
-        reply.steps = spec["steps"]
+        reply.steps, reply.accepted = spec["steps"], spec["accepted_tokens"]
 
 
 def run_server_bench(url: str, api_key: str | None, turns: list[str], chat: bool, max_new_tokens: int,
@@ -142,11 +143,11 @@ def _summary(level: int, replies: list[Reply], seconds: float) -> dict:
         per_chunk = r.tokens / len(r.chunk_times) if r.chunk_times else 1
         gaps += [(b - a) / per_chunk for a, b in zip(r.chunk_times, r.chunk_times[1:]) for _ in range(round(per_chunk) or 1)]
     tokens = sum(r.tokens for r in good)
-    steps = sum(r.steps for r in good)
+    steps, accepted = sum(r.steps for r in good), sum(r.accepted for r in good)
     return {
         "concurrency": level, "requests": len(replies), "errors": len(replies) - len(good),
         "first_error": next((r.error for r in replies if r.error), None),
-        "tokens_per_second": tokens / seconds, "tau": tokens / steps if steps else None,
+        "tokens_per_second": tokens / seconds, "tau": 1 + accepted / steps if steps else None,
         "first_token_p50_ms": 1e3 * statistics.median([r.first_token for r in good]) if good else 0.0,
         "first_token_p99_ms": 1e3 * percentile([r.first_token for r in good], 0.99),
         "inter_token_p50_ms": 1e3 * percentile(gaps, 0.5), "inter_token_p99_ms": 1e3 * percentile(gaps, 0.99),

@@ -29,6 +29,8 @@ class ServerMetrics:
         Gauge("specdec_batch_rows", "Rows of the batch (--max-batch)", registry=r).set(max_batch)
         self.batch_step_seconds = Histogram("specdec_batch_step_seconds", "Wall time of one batched step (drafts and target forward)",
                                             buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), registry=r)
+        self.target_forward_seconds = Histogram("specdec_target_forward_seconds", "The target's batched forward of one step",
+                                                buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), registry=r)
         self.request_seconds = Histogram("specdec_request_seconds", "Wall time of answered requests",
                                          buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
         self.first_token_seconds = Histogram("specdec_time_to_first_token_seconds", "Time to the first token",

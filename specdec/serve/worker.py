@@ -65,7 +65,7 @@ class Worker:
             self._drop(loop)
             if not loop.running:
                 continue
-            start = time.perf_counter()
+            start, forwards = time.perf_counter(), loop.target.clock.seconds
             try:
                 finished = loop.step()
             except Exception:  # a failed step fails its batch, never the server
@@ -76,6 +76,7 @@ class Worker:
                 loop = BatchLoop(self.decoder, self.max_batch, on_step=self.metrics.step)
                 continue
             self.metrics.batch_step_seconds.observe(time.perf_counter() - start)
+            self.metrics.target_forward_seconds.observe(loop.target.clock.seconds - forwards)
             for sequence in finished:
                 job, _ = self.jobs.pop(id(sequence))
                 job.emit("done", sequence)

@@ -96,12 +96,13 @@ class Planner:
 
     def start(self, context: int, lag: int) -> bool:
         """Begin a step at cache length `context` with the draft `lag` entries behind -> whether
-        to draft: not while backing off, nor when even the likeliest first node (the recent best
-        draft probability, calibrated) could not pay for one draft forward, so that no forward is
-        spent on a probe that cannot pay (in a full batch, the usual case). Drafting counts the
-        start forward of the `lag` entries."""
+        to draft: not while backing off, nor when even a first node of draft probability 1
+        (calibrated at depth 1) could not pay for one draft forward, so that no forward is spent
+        on a probe that cannot pay (in a full batch, the usual case). Otherwise the start forward
+        shows the draft's real confidence, and the nodes decide. Drafting counts the start
+        forward of the `lag` entries."""
         self.begin(context)
-        if not self.should_draft() or not self.pays(self.prospect(1.0, 0), feed_queries=1):
+        if not self.should_draft() or not self.pays(self.conditional("draft", 1, 1.0), feed_queries=1):
             return False
         self.draft_forward(lag)
         return True
