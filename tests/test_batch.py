@@ -37,6 +37,17 @@ def alone_and_batched(decoder, batch_size: int, **generation):
     return alone, [out.token_ids for out in batched], batched
 
 
+def stopped_early(decoder, batch_size: int, max_new_tokens: int = 20):
+    """Each prompt alone (greedy, run once) and all of them batched with stop ids taken from two of
+    the outputs, so rows finish at different steps -> (alone, batched, outputs). Alone with the
+    stops is the free run cut after its first stop token: a stop id ends greedy decoding there."""
+    free = [decoder.generate(p, max_new_tokens=max_new_tokens).token_ids for p in PROMPTS]
+    stops = {free[0][8], free[3][15]}
+    alone = [next((t[: i + 1] for i, token in enumerate(t) if token in stops), t) for t in free]
+    outputs = decoder.generate_batch(PROMPTS, batch_size=batch_size, max_new_tokens=max_new_tokens, stop_token_ids=list(stops))
+    return alone, [out.token_ids for out in outputs], outputs
+
+
 @pytest.mark.parametrize("label, arch", [(label, "llama") for label in STRATEGIES] + [("chain", "gpt2"), ("dyspec", "qwen2")])
 def test_greedy_batch_equals_each_sequence_alone(label, arch, models, drafts):
     name, options = STRATEGIES[label]
@@ -44,9 +55,7 @@ def test_greedy_batch_equals_each_sequence_alone(label, arch, models, drafts):
     decoder = make_decoder(models(arch, 0), draft, name, **options)
     # 6 prompts through 4 rows: two join when the first rows finish; stop ids taken from two of the
     # outputs end some rows early
-    free = [decoder.generate(p, max_new_tokens=20).token_ids for p in PROMPTS]
-    stops = [free[0][8], free[3][15]]
-    alone, batched, outputs = alone_and_batched(decoder, 4, max_new_tokens=20, stop_token_ids=stops)
+    alone, batched, outputs = stopped_early(decoder, 4)
     assert batched == alone
     assert len({len(t) for t in alone}) > 1  # rows really finished at different steps
     for out in outputs:
@@ -69,9 +78,8 @@ def test_sampled_batch_equals_each_sequence_alone(models, drafts):
     # Each row draws from its own generator, seeded like the sequence alone: the same draws, so each
     # row's output has the distribution the single-sequence loop is checked to have exactly.
     decoder = make_decoder(models("llama", 0), drafts("llama", "perturbed"), "dyspec", max_nodes=8)
-    for seed in range(3):
-        alone, batched, _ = alone_and_batched(decoder, 3, max_new_tokens=16, temperature=0.8, seed=seed)
-        assert batched == alone
+    alone, batched, _ = alone_and_batched(decoder, 3, max_new_tokens=16, temperature=0.8, seed=0)
+    assert batched == alone  # exact distribution: test_sampled_rows_of_a_batch_have_exactly_the_targets_distribution
     other = decoder.generate_batch(PROMPTS, batch_size=3, max_new_tokens=16, temperature=0.8, seed=99)
     assert [o.token_ids for o in other] != batched  # negative control: another seed, other samples
 
@@ -165,8 +173,7 @@ def test_greedy_batch_on_onnxruntime_equals_each_sequence_alone(label, llama_exp
     component = get_strategy(name)
     draft = PyTorchBackend(drafts("llama", "perturbed")) if name != "ar" else None
     decoder = SpeculativeDecoder(onnx_target(llama_export), draft, component.cls(component.cls.Options(**options)))
-    free = [decoder.generate(p, max_new_tokens=20).token_ids for p in PROMPTS]
-    alone, batched, outputs = alone_and_batched(decoder, 4, max_new_tokens=20, stop_token_ids=[free[0][8], free[3][15]])
+    alone, batched, outputs = stopped_early(decoder, 4)
     assert batched == alone
     assert len({len(t) for t in alone}) > 1
     assert all(out.metrics.new_tokens == len(out.token_ids) for out in outputs)
