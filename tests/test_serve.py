@@ -115,18 +115,21 @@ def small(config_path):
     server.stop()
 
 
-def run_cli_json(config_path: Path, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "specdec", "run", str(config_path), "--json", *args],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+def run_cli_json(capsys, config_path: Path, *args: str) -> dict:
+    """`specdec run CONFIG --json ARGS` (in this process) -> its JSON output."""
+    from test_cli import run_cli
+
+    code, out, err = run_cli(capsys, "run", str(config_path), "--json", *args)
+    assert code == 0, err
+    return json.loads(out)
 
 
-def test_chat_and_completions_equal_specdec_run_streaming_and_not(server, config_path):
+def test_chat_and_completions_equal_specdec_run_streaming_and_not(server, config_path, capsys):
     client = server.client()
     question = "Write a function that adds two numbers."
     chat = client.chat.completions.create(model="demo-chain", messages=[{"role": "user", "content": question}],
                                           max_tokens=24, temperature=0)
-    alone = run_cli_json(config_path, "--chat", "--prompt", question, "--max-new-tokens", "24")
+    alone = run_cli_json(capsys, config_path, "--chat", "--prompt", question, "--max-new-tokens", "24")
     assert chat.choices[0].message.content == alone["text"] and chat.model == "demo-chain"
     prompt_tokens = len(server.decoder.prepare(None, [{"role": "user", "content": question}], {}).prompt_ids)
     assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (prompt_tokens, len(alone["token_ids"]))
@@ -136,7 +139,7 @@ def test_chat_and_completions_equal_specdec_run_streaming_and_not(server, config
     assert len(spec["acceptance_by_position"]) == 4 and 1.0 <= spec["mean_tokens_per_step"] <= 5.0
 
     completion = client.completions.create(model="demo-chain", prompt="def add(a, b):", max_tokens=20, temperature=0)
-    alone = run_cli_json(config_path, "--prompt", "def add(a, b):", "--max-new-tokens", "20")
+    alone = run_cli_json(capsys, config_path, "--prompt", "def add(a, b):", "--max-new-tokens", "20")
     assert completion.choices[0].text == alone["text"] and completion.choices[0].finish_reason == "length"
 
     chunks = list(client.chat.completions.create(model="demo-chain", messages=[{"role": "user", "content": question}],
