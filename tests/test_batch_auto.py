@@ -12,11 +12,12 @@ import specdec.costs
 from helpers import hf_greedy
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.config import GenerationOptions
-from specdec.costs import CostModel, Curve, Surface, load_or_measure_surface, row_counts
+from specdec.costs import CostModel, Surface, load_or_measure_surface, row_counts
 from specdec.decode import Sequence
 from specdec.decoder import SpeculativeDecoder
 from specdec.plugins import get_strategy
 from specdec.strategies.budget import Load, Planner
+from test_auto_budget import curve
 
 PROMPTS = [[3, 17, 42], [5, 6, 7, 8, 9, 10, 11, 12, 13], [1], [9, 9, 2, 4, 8], [60, 5, 5, 21, 30, 31], [7, 7]]
 AUTO = {
@@ -24,10 +25,6 @@ AUTO = {
     "dyspec": ("dyspec", {"max_nodes": "auto", "node_cap": 6, "max_depth": 4}),
     "hybrid": ("hybrid", {"max_nodes": "auto", "node_cap": 6, "max_depth": 4}),
 }
-
-
-def curve(*seconds: float, queries=(1, 2)) -> Curve:
-    return Curve(list(queries), [0], [list(seconds)])
 
 
 ALONE = CostModel(curve(0.010, 0.010), curve(0.0001, 0.0001))  # one row: nodes free, the draft nearly so

@@ -123,9 +123,11 @@ def create_app(decoder, model: str, settings: ServeSettings) -> Starlette:
         return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     async def http_error(request, exc: HTTPException):
-        error = ApiError(404, f"no route {request.method} {request.url.path}", "not_found") if exc.status_code == 404 else None
-        body = error.body() if error else {"error": {"message": exc.detail, "type": "invalid_request_error", "code": None, "param": None}}
-        return JSONResponse(body, exc.status_code)
+        if exc.status_code == 404:
+            error = ApiError(404, f"no route {request.method} {request.url.path}", "not_found")
+        else:
+            error = ApiError(exc.status_code, exc.detail)
+        return JSONResponse(error.body(), exc.status_code)
 
     routes = [
         Route("/v1/chat/completions", endpoint("chat", chat), methods=["POST"]),
