@@ -1,15 +1,17 @@
 """The batched loop: up to B sequences advance together, one target forward per step for all.
 
 Each sequence has its own strategy (a fresh copy of the decoder's: adaptive state is per
-sequence), its own draft cache (a draft backend over the same weights) and its own row of the
-target's KV buffer (specdec/backends/batched.py). One step: every running sequence drafts its tree;
-one target forward scores all the trees; each sequence verifies and commits its own path. A
-sequence that stops leaves its row at the step boundary, the highest running sequence moves into
-the freed row (a forward spans rows 0 .. k - 1), and the next waiting prompt takes a free row.
+sequence), its own row of the draft (a row of a batched draft model, or an EAGLE-3 head of its
+own) and its own row of the target's KV buffer (specdec/backends/batched.py). One step: the running
+sequences draft their trees in lockstep, so that the draft forwards of a round run as one call
+(specdec/lockstep.py); one target forward scores all the trees; each sequence verifies and
+commits its own path. A sequence that stops leaves its row at the step boundary, the highest
+running sequence moves into the freed row (a forward spans rows 0 .. k - 1), and the next waiting
+prompt takes a free row.
 
 With `auto` budgets the rows plan their trees for the batch's tokens per second: each row's
-planner sees the step's `Load` (the rows planned before it) and the measured surface t(B, N)
-(specdec/strategies/budget.py).
+planner sees the step's `Load` (the rows planned before it, and the draft rounds already paid
+for) and the measured surface t(B, N) (specdec/strategies/budget.py).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from specdec.backends.base import Backend
 from specdec.backends.batched import BatchedPyTorch, BatchedRows
 from specdec.backends.batched_onnx import BatchedOnnx
 from specdec.backends.eagle3 import Eagle3Backend
-from specdec.backends.onnxruntime import OnnxRuntimeBackend
+from specdec.backends.onnx_contract import OnnxContractBackend
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.backends.vocab import MappedVocabBackend
 from specdec.costs import CostModel, load_or_measure_surface
 from specdec.decode import Sequence
 from specdec.errors import SpecdecError
+from specdec.lockstep import Lockstep
 from specdec.metrics import GenerationMetrics, StepStats
 from specdec.strategies.base import Strategy
 from specdec.strategies.budget import Load
@@ -67,7 +70,8 @@ class BatchLoop:
         self.decoder, self.on_step = decoder, on_step
         self.target = batched_backend(decoder.target, rows)
         self.costs = _batch_costs(decoder, rows)
-        self.drafts = [_row_draft(decoder.draft) for _ in range(rows)]
+        self.drafts, self.draft_rows = _row_drafts(decoder.draft, rows)
+        self.lockstep = Lockstep()
         self.running: dict[int, Sequence] = {}  # row -> sequence, rows 0 .. n - 1
 
     def has_room(self) -> bool:
@@ -91,7 +95,8 @@ class BatchLoop:
         for sequence in self.running.values():
             if sequence.strategy.planner is not None:
                 sequence.strategy.planner.load = load
-        trees = {row: sequence.propose() for row, sequence in self.running.items()}
+        order = sorted(self.running)
+        trees = dict(zip(order, self.lockstep.run([self.running[row].propose for row in order])))
         logits = self.target.forward_rows({row: self.running[row].target_inputs(tree) for row, tree in trees.items()})
         finished = []
         for row, tree in trees.items():
@@ -116,17 +121,26 @@ class BatchLoop:
             if free not in self.running:
                 last = max(self.running)
                 self.target.move_row(last, free)
+                if self.draft_rows is not None:
+                    self.draft_rows.move_row(last, free)
                 self.drafts[free], self.drafts[last] = self.drafts[last], self.drafts[free]
                 self.running[free] = self.running.pop(last)
 
 
 def batched_backend(target: Backend, rows: int) -> BatchedRows:
-    """`rows` rows over a target's model: pytorch, or an onnxruntime export."""
+    """`rows` rows over a target's model: pytorch, or an ONNX-contract export (onnxruntime, or a
+    tensorrt engine whose profiles take that many rows)."""
+    if target.rows_interact:  # rows would change each other's tokens
+        raise SpecdecError(f"this target cannot decode a batch losslessly: {target.rows_interact}; "
+                           "decode one prompt at a time, or export it without int8 activations")
     if type(target) is PyTorchBackend:
         return BatchedPyTorch(target, rows)
-    if type(target) is OnnxRuntimeBackend:
+    if isinstance(target, OnnxContractBackend):
+        if target.max_batch is not None and rows > target.max_batch:
+            raise SpecdecError(f"the {target.name} engine runs at most {target.max_batch} rows per forward, not {rows}; "
+                               f"rebuild it with --max-batch {rows} (target.max_batch: {rows}), or lower the batch size")
         return BatchedOnnx(target, rows)
-    raise SpecdecError(f"batched decoding runs on a pytorch or onnxruntime target, not {target.name}; "
+    raise SpecdecError(f"batched decoding runs on a pytorch, onnxruntime or tensorrt target, not {target.name}; "
                        "change target.backend, or decode one prompt at a time")
 
 
@@ -140,19 +154,22 @@ def _batch_costs(decoder, rows: int) -> CostModel | None:
     return replace(planner.costs, rows=load_or_measure_surface(spec, decoder.target, rows))
 
 
-def _row_draft(draft: Backend | None) -> Backend | None:
-    """A draft backend of its own for one row, over the same weights (an EAGLE-3 head reads its
-    row's target features)."""
+def _row_drafts(draft: Backend | None, rows: int) -> tuple[list[Backend | None], BatchedRows | None]:
+    """A draft backend for each row, over the same weights -> (them, the batched draft model whose
+    rows they are, or None): the rows of a batched pytorch draft, or EAGLE-3 heads of their own
+    (each reads its row's target features)."""
     if draft is None:
-        return None
+        return [None] * rows, None
     if isinstance(draft, Eagle3Backend):
-        return Eagle3Backend(draft.head, draft.max_length, draft.eos_token_ids)
+        return [Eagle3Backend(draft.head, draft.max_length, draft.eos_token_ids) for _ in range(rows)], None
     if isinstance(draft, MappedVocabBackend):  # a reduced-vocabulary draft
-        return MappedVocabBackend(_row_draft(draft.inner), draft.draft_to_target.tolist(), draft.vocab_size)
+        inner, batch = _row_drafts(draft.inner, rows)
+        return [MappedVocabBackend(row, draft.draft_to_target.tolist(), draft.vocab_size) for row in inner], batch
     if type(draft) is not PyTorchBackend:
         raise SpecdecError(f"batched decoding takes a pytorch draft model or an EAGLE-3 head so far, not {draft.name}; "
                            "decode one prompt at a time with this draft")
-    return PyTorchBackend(draft.model)
+    batch = BatchedPyTorch(draft, rows)
+    return list(batch.rows), batch
 
 
 def _row_strategy(strategy: Strategy, costs: CostModel | None) -> Strategy:

@@ -268,6 +268,8 @@ def _layer_list(value: str | None) -> tuple[int, ...] | None:
 @click.option("--max-nodes", default=64, show_default=True, type=click.IntRange(1), help="tensorrt: largest verified tree")
 @click.option("--max-context", type=click.IntRange(2), help="tensorrt: largest cache (default: the model's context)")
 @click.option("--prefill-chunk", default=256, show_default=True, type=click.IntRange(1), help="tensorrt: prompt tokens per prefill forward")
+@click.option("--max-batch", default=1, show_default=True, type=click.IntRange(1),
+              help="tensorrt: most rows of a batched forward (batched decoding, specdec serve)")
 @click.option("--validate", is_flag=True, help="check the export against PyTorch afterwards (tensorrt: then greedy decoding on the engine)")
 @click.option("--check", "check_dir", type=click.Path(file_okay=False), help="only check an existing ONNX export folder")
 @click.option("--feature-layers", callback=lambda ctx, param, value: _layer_list(value),
@@ -278,8 +280,8 @@ def _layer_list(value: str | None) -> tuple[int, ...] | None:
                    "weight; int4 / int8 quantize float weights per block (the target becomes that quantized model)")
 @click.option("--activations", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
               help="onnx, quantized weights: int8 quantizes activations per block inside each product (faster; other numbers)")
-def export(model, fmt, out, dtype, opset, max_nodes, max_context, prefill_chunk, validate, check_dir, feature_layers,
-           weights, activations):
+def export(model, fmt, out, dtype, opset, max_nodes, max_context, prefill_chunk, max_batch, validate, check_dir,
+           feature_layers, weights, activations):
     """Export MODEL (a local folder or hub id) to a graph with a dynamic tree-mask input."""
     from pathlib import Path
 
@@ -291,7 +293,7 @@ def export(model, fmt, out, dtype, opset, max_nodes, max_context, prefill_chunk,
         if not model or not out:
             raise click.UsageError("give MODEL and --out DIR")
         engine = export_tensorrt(model, Path(out), dtype or "float16", opset, max_nodes, max_context, prefill_chunk,
-                                 validate, report=click.echo)
+                                 validate, report=click.echo, max_batch=max_batch)
         click.echo(f"exported {model} to {out} (engine {engine})", err=True)
         return
     if dtype == "bfloat16":

@@ -154,13 +154,12 @@ class Eagle3Head(nn.Module):
         v = layer.self_attn.v_proj(x).unflatten(-1, (c.kv_heads, c.head_dim)).transpose(-2, -3)
         return self._rope(q, positions), self._rope(k, positions), v
 
-    def attend(self, q, hidden, keys, values, visible):
-        """q [.., H_q, Q, D]; hidden [.., Q, H] (the first residual); keys, values [.., Hk, S, D];
-        visible [.., Q, S] bool -> (out [.., Q, H] before norm, logits [.., Q, Vd])."""
+    def attention(self, q, keys, values, visible) -> torch.Tensor:
+        """q [.., H_q, Q, D]; keys, values [.., Hk, S, D]; visible [.., Q, S] bool -> the attention
+        output [.., H_q, Q, D] (`finish` takes it on)."""
         group = self.config.heads // self.config.kv_heads
         keys, values = keys.repeat_interleave(group, -3), values.repeat_interleave(group, -3)
-        attn = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=visible.unsqueeze(-3))
-        return self.finish(attn, hidden)
+        return nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=visible.unsqueeze(-3))
 
     def finish(self, attn: torch.Tensor, hidden: torch.Tensor):
         """Attention output attn [.., H_q, Q, D] and the inputs hidden [.., Q, H] -> (out [.., Q, H]

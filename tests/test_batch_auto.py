@@ -115,6 +115,27 @@ def test_the_planner_values_the_batch_not_the_row():
     assert planner.load.nodes == 3 and planner.load.extra == pytest.approx(1.8)
 
 
+def test_a_draft_round_another_row_pays_for_costs_a_row_nothing():
+    """The rows' i-th draft forwards run as one call: the step's draft time is, per round, the
+    most any row spends in it."""
+    costs = CostModel(curve(0.010, 0.010), curve(0.004, 0.004), ROOMY)
+    alone = Planner(costs)
+    alone.load = Load(rows=2)
+    alone.begin(100)
+    riding = Planner(costs)
+    riding.load = Load(rows=2, rounds=[0.004, 0.004])
+    riding.begin(100)
+    # 2 rows, extra entries nearly free: a node of 0.2 pays for a draft round only when
+    # another row pays for that round already
+    assert riding.pays(0.2, feed_queries=1) and not alone.pays(0.2, feed_queries=1)
+    riding.draft_forward(1)
+    riding.add(0.2)
+    assert riding.load.rounds == [0.004, 0.004]  # nothing added: that round ran anyway
+    riding.draft_forward(1)
+    riding.draft_forward(1)
+    assert riding.load.rounds == pytest.approx([0.004, 0.004, 0.004])  # a third round is its own
+
+
 @pytest.mark.parametrize("label", ["dyspec", "hybrid", "chain"])
 def test_batched_auto_trees_stay_inside_every_rows_node_cap_and_context(label, models, monkeypatch):
     target = models("llama", 0)

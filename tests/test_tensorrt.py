@@ -56,6 +56,22 @@ def test_profiles_fit_the_exported_graphs_inputs(export):
     assert prefill.query[2] == PREFILL_CHUNK and prefill.capacity[2] == context
 
 
+def test_a_batch_profile_gives_every_input_the_batch_dimension(export):
+    """--max-batch B: the verify profile takes 1..B rows on every input, the prefill profile one;
+    a forward is matched to a profile by its rows too (TensorRTBackend.execute)."""
+    manifest, inputs = read_manifest(export[1]), graph_inputs(export[1])
+    verify, prefill = profiles(MAX_NODES, manifest["context"], PREFILL_CHUNK, max_batch=16)
+    assert verify.batch == (1, 8, 16) and prefill.batch == (1, 1, 1)
+    for profile in (verify, prefill):
+        for name, sets in profile.shapes(manifest).items():
+            assert inputs[name][0] is None  # the graph's batch dimension is dynamic
+            assert [shape[0] for shape in sets] == list(profile.batch), name
+    assert verify.holds(3, 100, batch=16) and not verify.holds(3, 100, batch=17)
+    assert not prefill.holds(3, 100, batch=2) and prefill.holds(3, 100)
+    with pytest.raises(SpecdecError, match="max_batch must be at least 1"):
+        profiles(MAX_NODES, manifest["context"], PREFILL_CHUNK, max_batch=0)
+
+
 def test_profiles_refuse_sizes_beyond_the_context():
     with pytest.raises(SpecdecError, match="below the context"):
         profiles(64, 64, 32)

@@ -79,6 +79,13 @@ class Backend(ABC):
         the Q new ones (committed entries are always visible) -> logits [1, Q, V].
         The Q new entries become pending, after the S existing ones."""
 
+    @classmethod
+    def forward_many(cls, calls: list[tuple[Backend, tuple]]) -> list[torch.Tensor]:
+        """The forwards of several backends of this type, [(backend, (input_ids, position_ids,
+        mask))] -> their logits [1, Q, V], in order. A backend that can run them as one call
+        (batched rows, EAGLE-3 heads) overrides this; specdec.lockstep gathers them."""
+        return [backend.forward(*request) for backend, request in calls]
+
     @abstractmethod
     def commit(self, keep: list[int]) -> None:
         """Keep these pending indices, in this order, as committed; drop the other pending ones."""

@@ -21,11 +21,12 @@ Q = 3, S = 8; row 1's queries 1 and 2 are padding at slots 3 and 4, each seeing 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from abc import ABC, abstractmethod
-
+from specdec import lockstep
 from specdec.backends.base import Backend, BackendOptions
 from specdec.backends.clock import ForwardClock
 from specdec.backends.pytorch import PyTorchBackend
@@ -256,7 +257,13 @@ class Row(Backend):
         return logits
 
     def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
-        return self.batch.forward_rows({self.index: (input_ids, position_ids, mask)})[self.index][None]
+        return lockstep.forward(self, (input_ids, position_ids, mask))  # batched with other rows' in a step
+
+    @classmethod
+    def forward_many(cls, calls: list[tuple[Row, tuple]]) -> list[torch.Tensor]:
+        """Rows of one batch -> one model call."""
+        out = calls[0][0].batch.forward_rows({row.index: request for row, request in calls})
+        return [out[row.index][None] for row, _ in calls]
 
     def commit(self, keep: list[int]) -> None:
         self.batch.keep(self.index, keep, self._committed)

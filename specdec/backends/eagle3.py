@@ -13,10 +13,13 @@ features (they are lag tokens to `TreeDrafter`, fed in the same forward as the r
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from specdec import lockstep
 from specdec.backends.base import Backend, BackendOptions
 from specdec.backends.clock import ForwardClock, TimedForwards
 from specdec.backends.vocab import scatter_to_target
@@ -81,41 +84,53 @@ class Eagle3Backend(TimedForwards, Backend):
         self.commit(list(range(length)))
         return scatter_to_target(logits, self._columns, self.vocab_size)  # [1, V]
 
-    @torch.inference_mode()
     def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
-        with self.clock.timing():
-            logits = self._forward(input_ids[0].tolist(), position_ids[0].tolist(), mask[0])
-        self.forward_calls += 1
-        return scatter_to_target(logits, self._columns, self.vocab_size)[None]  # [1, Q, V]
+        return lockstep.forward(self, (input_ids, position_ids, mask))  # batched with other rows' in a step
+
+    @classmethod
+    @torch.inference_mode()
+    def forward_many(cls, calls: list[tuple[Eagle3Backend, tuple]]) -> list[torch.Tensor]:
+        """Heads over the same weights (the rows of a batch) -> one head call per level."""
+        heads = [head for head, _ in calls]
+        with ExitStack() as timing:
+            for head in heads:
+                timing.enter_context(head.clock.timing())
+            logits = _forward_heads([(head, ids[0].tolist(), positions[0].tolist(), mask[0])
+                                     for head, (ids, positions, mask) in calls])
+        out = []
+        for head, row_logits in zip(heads, logits):
+            head.forward_calls += 1
+            out.append(scatter_to_target(row_logits, head._columns, head.vocab_size)[None])  # [1, Q, V]
+        return out
 
     def _forward(self, ids: list[int], positions: list[int], mask: torch.Tensor) -> torch.Tensor:
         """-> draft-vocabulary logits [Q, Vd]; the Q entries become pending."""
+        return _forward_heads([(self, ids, positions, mask)])[0]
+
+    def _plan(self, ids: list[int], positions: list[int], mask: torch.Tensor) -> _Plan:
+        """Where a forward's inputs come from, with room reserved for its entries."""
         existing, query = len(self._pending_pos), len(ids)
         sources, level = self._inputs(positions, mask, existing)
         base = self._committed + existing
         self._keys = _reserve(self._keys, base + query, dim=1)
         self._values = _reserve(self._values, base + query, dim=1)
-        outs: list[torch.Tensor | None] = [None] * query
         logits = torch.empty(query, self.head.config.draft_vocab_size, dtype=self.dtype, device=self.device)
-        for current in range(max(level) + 1):
-            rows = [q for q in range(query) if level[q] == current]
-            hidden = torch.stack([self._input(sources[q], outs) for q in rows])  # [R, H]
-            visible = torch.ones(len(rows), base + query, dtype=torch.bool, device=self.device)
-            visible[:, self._committed :] = mask[rows].to(self.device)
-            query_ids = torch.tensor([ids[q] for q in rows], device=self.device)
-            q_states, k, v = self.head.qkv(query_ids, hidden, torch.tensor([positions[q] for q in rows], device=self.device))
-            slots = torch.tensor([base + q for q in rows], device=self.device)
-            self._keys.index_copy_(1, slots, k)
-            self._values.index_copy_(1, slots, v)
-            out, row_logits = self.head.attend(q_states, hidden, self._keys[:, : base + query],
-                                               self._values[:, : base + query], visible)
-            for j, q in enumerate(rows):
-                outs[q] = out[j]
-            logits[rows] = row_logits
-        self._pending_pos += positions
-        self._pending_out += outs
-        self._pending_from_target += [source[0] == "target" for source in sources]
-        return logits
+        return _Plan(self, ids, positions, mask, sources, level, base, [None] * query, logits)
+
+    def _attend(self, plan: _Plan, rows: list[int], q_states, k, v) -> torch.Tensor:
+        """Store the keys, values [Hk, R, D] of `plan`'s queries `rows` and attend -> [Hq, R, D]."""
+        end = plan.base + len(plan.ids)
+        slots = torch.tensor([plan.base + q for q in rows], device=self.device)
+        self._keys.index_copy_(1, slots, k)
+        self._values.index_copy_(1, slots, v)
+        visible = torch.ones(len(rows), end, dtype=torch.bool, device=self.device)
+        visible[:, self._committed :] = plan.mask[rows].to(self.device)
+        return self.head.attention(q_states, self._keys[:, :end], self._values[:, :end], visible)
+
+    def _pend(self, plan: _Plan) -> None:
+        self._pending_pos += plan.positions
+        self._pending_out += plan.outs
+        self._pending_from_target += [source[0] == "target" for source in plan.sources]
 
     def _inputs(self, positions: list[int], mask: torch.Tensor, existing: int):
         """Where each query's input hidden state comes from -> (sources, levels): ("target", p - 1),
@@ -169,6 +184,50 @@ class Eagle3Backend(TimedForwards, Backend):
         self._committed = 0
         self._known_len = 0
         self._pending_pos, self._pending_out, self._pending_from_target = [], [], []
+
+
+@dataclass
+class _Plan:
+    """One head's forward in progress: its queries' input sources and levels, outputs so far."""
+
+    backend: Eagle3Backend
+    ids: list[int]
+    positions: list[int]
+    mask: torch.Tensor  # [Q, S + Q]
+    sources: list[tuple[str, int]]
+    level: list[int]
+    base: int  # the slot of its first query
+    outs: list[torch.Tensor | None]  # [Q] of [H]
+    logits: torch.Tensor  # [Q, Vd]
+
+
+def _forward_heads(calls: list[tuple[Eagle3Backend, list[int], list[int], torch.Tensor]]) -> list[torch.Tensor]:
+    """Forwards (ids, positions [Q], mask [Q, S + Q]) of heads over the same weights -> their
+    draft-vocabulary logits [Q, Vd]. Level by level, the queries of every head whose inputs are
+    known run as one call of the head's projections and MLP; attention reads each head's own KV."""
+    head = calls[0][0].head
+    plans = [backend._plan(ids, positions, mask) for backend, ids, positions, mask in calls]
+    for current in range(max(max(plan.level) for plan in plans) + 1):
+        parts = [(plan, [q for q, level in enumerate(plan.level) if level == current]) for plan in plans]
+        parts = [(plan, rows) for plan, rows in parts if rows]
+        queries = [(plan, q) for plan, rows in parts for q in rows]
+        hidden = torch.stack([plan.backend._input(plan.sources[q], plan.outs) for plan, q in queries])  # [R, H]
+        device = hidden.device
+        ids = torch.tensor([plan.ids[q] for plan, q in queries], device=device)  # [R]
+        positions = torch.tensor([plan.positions[q] for plan, q in queries], device=device)  # [R]
+        q_states, k, v = head.qkv(ids, hidden, positions)  # [Hq, R, D], [Hk, R, D] x 2
+        attn, start = [], 0
+        for plan, rows in parts:
+            part = slice(start, start + len(rows))
+            attn.append(plan.backend._attend(plan, rows, q_states[:, part], k[:, part], v[:, part]))
+            start += len(rows)
+        out, logits = head.finish(torch.cat(attn, dim=1), hidden)  # [R, H], [R, Vd]
+        for j, (plan, q) in enumerate(queries):
+            plan.outs[q] = out[j]
+            plan.logits[q] = logits[j]
+    for plan in plans:
+        plan.backend._pend(plan)
+    return [plan.logits for plan in plans]
 
 
 def _reserve(buffer: torch.Tensor, needed: int, dim: int) -> torch.Tensor:

@@ -82,36 +82,42 @@ def folder_eos(folder: Path) -> frozenset[int]:
 
 @dataclass(frozen=True)
 class Profile:
-    """The (min, opt, max) query length Q and buffer capacity C of one optimization profile."""
+    """The (min, opt, max) query length Q, buffer capacity C and batch B of one optimization profile."""
 
     name: str
     query: tuple[int, int, int]
     capacity: tuple[int, int, int]
+    batch: tuple[int, int, int] = (1, 1, 1)
 
     def shapes(self, manifest: dict) -> dict[str, list[tuple[int, ...]]]:
         """Input name -> [min, opt, max] shapes. In each set the mask's last dim is C + Q."""
         heads, dim = manifest["kv_heads"], manifest["head_dim"]
-        sets = list(zip(self.query, self.capacity))
+        sets = list(zip(self.query, self.capacity, self.batch))
         names = manifest["inputs"]
         shapes = {
-            names[0]: [(1, q) for q, _ in sets],
-            names[1]: [(1, q) for q, _ in sets],
-            names[2]: [(1, 1, q, c + q) for q, c in sets],
+            names[0]: [(b, q) for q, _, b in sets],
+            names[1]: [(b, q) for q, _, b in sets],
+            names[2]: [(b, 1, q, c + q) for q, c, b in sets],
         }
-        shapes.update({name: [(1, heads, c, dim) for _, c in sets] for name in names[3:]})
+        shapes.update({name: [(b, heads, c, dim) for _, c, b in sets] for name in names[3:]})
         return shapes
 
-    def holds(self, query: int, capacity: int) -> bool:
-        return self.query[0] <= query <= self.query[2] and self.capacity[0] <= capacity <= self.capacity[2]
+    def holds(self, query: int, capacity: int, batch: int = 1) -> bool:
+        return all(low <= size <= high for size, (low, _, high) in
+                   ((query, self.query), (capacity, self.capacity), (batch, self.batch)))
 
 
-def profiles(max_nodes: int, max_context: int, prefill_chunk: int) -> list[Profile]:
-    """verify (Q 1..max_nodes) and prefill (Q up to one prefill chunk), both over C 1..max_context.
+def profiles(max_nodes: int, max_context: int, prefill_chunk: int, max_batch: int = 1) -> list[Profile]:
+    """verify (Q 1..max_nodes, B 1..max_batch: the batched loop's forwards) and prefill (Q up to
+    one prefill chunk, B 1: a sequence joining its row prefills alone), both over C 1..max_context.
     C is never 0: an empty cache is passed as one masked sentinel slot."""
     if not 1 <= max_nodes < max_context or not 1 <= prefill_chunk < max_context:
         raise SpecdecError(f"max_nodes ({max_nodes}) and prefill_chunk ({prefill_chunk}) must be at least 1 and "
                            f"below the context ({max_context})")
-    verify = Profile("verify", (1, min(16, max_nodes), max_nodes), (1, min(4 * CAPACITY_STEP, max_context), max_context))
+    if max_batch < 1:
+        raise SpecdecError(f"max_batch must be at least 1, got {max_batch}")
+    verify = Profile("verify", (1, min(16, max_nodes), max_nodes), (1, min(4 * CAPACITY_STEP, max_context), max_context),
+                     (1, min(8, max_batch), max_batch))
     prefill = Profile("prefill", (1, prefill_chunk, prefill_chunk), (1, min(prefill_chunk, max_context), max_context))
     return [verify, prefill]
 
@@ -122,6 +128,7 @@ class OnnxContractBackend(TimedForwards, Backend):
     this class writes after the committed and pending ones."""
 
     returns_features = True  # exports of format 3 (request_features refuses the others in one line)
+    max_batch: int | None = None  # most rows one forward may run (a TensorRT engine's profile); None: any
 
     def __init__(self, manifest: dict, device: torch.device, eos_token_ids=frozenset(), prefill_chunk: int = 256):
         self.manifest = manifest

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from specdec.backends.base import BackendOptions
 from specdec.backends.onnx_contract import OnnxContractBackend, Profile, folder_eos, profiles, read_manifest
@@ -29,6 +30,7 @@ ENGINES = "engines"
 class TensorRTOptions(BackendOptions):
     device: Device = "cuda"
     max_nodes: int = 64  # largest verified tree: the verify profile's query length
+    max_batch: int = Field(1, ge=1)  # most rows of a batched forward: the verify profile's batch
     max_context: int | None = None  # the profiles' largest cache (default: the model's context)
     prefill_chunk: int = 256  # prompt tokens per prefill forward: the prefill profile's query length
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # of an export made on first use
@@ -49,9 +51,10 @@ def import_tensorrt():
     return tensorrt
 
 
-def engine_profiles(manifest: dict, max_nodes: int, max_context: int | None, prefill_chunk: int) -> list[Profile]:
+def engine_profiles(manifest: dict, max_nodes: int, max_context: int | None, prefill_chunk: int,
+                    max_batch: int = 1) -> list[Profile]:
     context = min(max_context or manifest["context"], manifest["context"])
-    return profiles(max_nodes, context, prefill_chunk)
+    return profiles(max_nodes, context, prefill_chunk, max_batch)
 
 
 def onnx_digest(folder: Path) -> str:
@@ -77,7 +80,8 @@ def engine_identity(folder: Path, version: str, device: torch.device, engine_pro
     return {
         "gpu": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}", "tensorrt": version,
         "onnx_sha256": onnx_digest(folder),
-        "profiles": [{"name": p.name, "query": list(p.query), "capacity": list(p.capacity)} for p in engine_profiles],
+        "profiles": [{"name": p.name, "query": list(p.query), "capacity": list(p.capacity), "batch": list(p.batch)}
+                     for p in engine_profiles],
     }
 
 
@@ -101,6 +105,7 @@ class TensorRTBackend(OnnxContractBackend):
             self.contexts.append(context)
         super().__init__(manifest, device, eos_token_ids, prefill_chunk=engine_profiles[1].query[2])
         self.max_length = engine_profiles[0].capacity[2]
+        self.max_batch = engine_profiles[0].batch[2]
 
     @classmethod
     def load(cls, model: str, options: TensorRTOptions) -> TensorRTBackend:
@@ -110,7 +115,7 @@ class TensorRTBackend(OnnxContractBackend):
             raise SpecdecError(f"the tensorrt backend runs on a CUDA GPU; got device {options.device!r}")
         folder = Path(model).expanduser()
         manifest = read_manifest(folder)
-        chosen = engine_profiles(manifest, options.max_nodes, options.max_context, options.prefill_chunk)
+        chosen = engine_profiles(manifest, options.max_nodes, options.max_context, options.prefill_chunk, options.max_batch)
         path = engine_path(folder, engine_identity(folder, trt.__version__, device, chosen))
         if not path.is_file():
             raise SpecdecError(f"{folder} has no TensorRT engine for this GPU, TensorRT {trt.__version__} and these "
@@ -124,12 +129,14 @@ class TensorRTBackend(OnnxContractBackend):
         return backend
 
     def execute(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
-        query, capacity = inputs[0].shape[1], inputs[3].shape[2]
-        index = next((i for i, p in enumerate(self.profiles) if p.holds(query, capacity)), None)
+        (batch, query), capacity = inputs[0].shape, inputs[3].shape[2]
+        index = next((i for i, p in enumerate(self.profiles) if p.holds(query, capacity, batch)), None)
         if index is None:
-            bounds = "; ".join(f"{p.name}: query {p.query[0]}..{p.query[2]}, cache {p.capacity[0]}..{p.capacity[2]}" for p in self.profiles)
-            raise SpecdecError(f"a forward of {query} tokens over a {capacity}-slot cache is outside the engine's "
-                               f"profiles ({bounds}); rebuild it with a larger --max-nodes or --max-context")
+            bounds = "; ".join(f"{p.name}: query {p.query[0]}..{p.query[2]}, cache {p.capacity[0]}..{p.capacity[2]}, "
+                               f"batch {p.batch[0]}..{p.batch[2]}" for p in self.profiles)
+            raise SpecdecError(f"a forward of {batch} x {query} tokens over a {capacity}-slot cache is outside the "
+                               f"engine's profiles ({bounds}); rebuild it with a larger --max-nodes, --max-context "
+                               "or --max-batch")
         context = self.contexts[index]
         names = self.manifest["inputs"], self.manifest["outputs"]
         for name, tensor in zip(names[0], inputs):

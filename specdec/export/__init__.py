@@ -31,7 +31,7 @@ def prepare(model: str, backend: type[Backend], options: BackendOptions) -> str:
     if backend.artifact == "tensorrt":
         from specdec.export.tensorrt import build_engine
 
-        build_engine(folder, options.max_nodes, options.max_context, options.prefill_chunk)
+        build_engine(folder, options.max_nodes, options.max_context, options.prefill_chunk, max_batch=options.max_batch)
     return str(folder)
 
 

@@ -28,7 +28,7 @@ WORKSPACE = 8 << 30  # bytes of scratch the builder may use
 
 
 def export_tensorrt(model: str, out: Path, dtype: str, opset: int | None, max_nodes: int, max_context: int | None,
-                    prefill_chunk: int, validate: bool, report: Callable[[str], None] = print) -> Path:
+                    prefill_chunk: int, validate: bool, report: Callable[[str], None] = print, max_batch: int = 1) -> Path:
     """ONNX export and engine build into OUT.partial, validated there (lines go to `report`), then
     renamed to `out`: nothing is left behind when any step fails. -> the engine's path in `out`."""
     from specdec.export.onnx import check_summary, export_onnx, worst_case
@@ -41,11 +41,13 @@ def export_tensorrt(model: str, out: Path, dtype: str, opset: int | None, max_no
     shutil.rmtree(work, ignore_errors=True)
     try:
         export_onnx(model, work, dtype, opset, weights="float")  # TensorRT has no MatMulNBits
-        engine = build_engine(work, max_nodes, max_context, prefill_chunk)
+        engine = build_engine(work, max_nodes, max_context, prefill_chunk, max_batch=max_batch)
         if validate:
-            result = validate_engine(work, model, max_nodes, max_context, prefill_chunk)
+            result = validate_engine(work, model, max_nodes, max_context, prefill_chunk, max_batch)
             report(check_summary(result))
             report(f"greedy speculative decoding on the engine: {'identical' if result['greedy_identical'] else 'DIFFERS'}")
+            if max_batch > 1:
+                report(f"greedy batched decoding on the engine: {'identical' if result['batch_identical'] else 'DIFFERS'}")
             if not result["ok"]:
                 raise SpecdecError(f"the engine does not match PyTorch ({worst_case(result)}); nothing was written")
         shutil.rmtree(out, ignore_errors=True)
@@ -56,12 +58,12 @@ def export_tensorrt(model: str, out: Path, dtype: str, opset: int | None, max_no
 
 
 def build_engine(folder: Path, max_nodes: int = 64, max_context: int | None = None, prefill_chunk: int = 256,
-                 device: str = "cuda") -> Path:
+                 device: str = "cuda", max_batch: int = 1) -> Path:
     """The engine for this GPU in `folder`/engines (built unless cached); written atomically."""
     trt = import_tensorrt()
     cuda = resolve_device(device)
     manifest = read_manifest(folder)
-    chosen = engine_profiles(manifest, max_nodes, max_context, prefill_chunk)
+    chosen = engine_profiles(manifest, max_nodes, max_context, prefill_chunk, max_batch)
     identity = engine_identity(folder, trt.__version__, cuda, chosen)
     path = engine_path(folder, identity)
     if path.is_file():
@@ -106,16 +108,18 @@ def validation_cases(max_nodes: int, context: int, prefill_chunk: int) -> list[t
     ]
 
 
-def validate_engine(folder: Path, model: str | None, max_nodes: int, max_context: int | None, prefill_chunk: int) -> dict:
+def validate_engine(folder: Path, model: str | None, max_nodes: int, max_context: int | None, prefill_chunk: int,
+                    max_batch: int = 1) -> dict:
     """check_export through the engine at validation_cases, then greedy speculative decoding (dyspec,
-    draft and target both the engine) against the engine's own greedy decoding."""
+    draft and target both the engine) against the engine's own greedy decoding; with `max_batch`
+    above 1, also greedy batched decoding of prompts of different lengths against each alone."""
     from specdec.backends.tensorrt import TensorRTBackend, TensorRTOptions
     from specdec.config import GenerationOptions
     from specdec.decoder import SpeculativeDecoder
     from specdec.export.onnx import check_export
     from specdec.plugins import get_strategy
 
-    options = TensorRTOptions(max_nodes=max_nodes, max_context=max_context, prefill_chunk=prefill_chunk)
+    options = TensorRTOptions(max_nodes=max_nodes, max_context=max_context, prefill_chunk=prefill_chunk, max_batch=max_batch)
     engine = TensorRTBackend.load(str(folder), options)
     cases = validation_cases(max_nodes, engine.max_length, engine.prefill_chunk)
     result = check_export(folder, model, cases, backend=engine)
@@ -127,6 +131,12 @@ def validate_engine(folder: Path, model: str | None, max_nodes: int, max_context
     speculative = SpeculativeDecoder(engine, draft, dyspec, settings).generate(prompt).token_ids
     result["greedy_identical"] = speculative == reference
     result["ok"] = result["ok"] and result["greedy_identical"]
+    if max_batch > 1:
+        ar = SpeculativeDecoder(engine, None, _strategy(get_strategy, "ar", {}), settings)
+        prompts = [prompt[: 5 + 7 * i] for i in range(max_batch)]
+        batched = [out.token_ids for out in ar.generate_batch(prompts, batch_size=max_batch)]
+        result["batch_identical"] = batched == [ar.generate(p).token_ids for p in prompts]
+        result["ok"] = result["ok"] and result["batch_identical"]
     return result
 
 

@@ -18,14 +18,17 @@ tok/s: the node joins.
 In a batch (specdec/batch.py) the rate is the whole batch's: B rows step in one target forward of
 t(B, N) seconds (the measured surface; N the largest row's tree, as trees are padded), every row
 emits at least one token, and the rows planned earlier in the step (`Load`) have added their
-expected tokens, draft seconds and nodes. A row's node joins only when it raises the batch's
-tokens per second, so speculation shrinks as B grows and t(B, N) steepens, stops where no node
-pays, and returns as the batch drains.
+expected tokens and nodes. The rows' i-th draft forwards run as one call (specdec/lockstep.py), so
+the step's draft time is, per round, the most any row spends in it: a row drafting no deeper than
+the others adds no draft time. A row's node joins only when it raises the batch's tokens per
+second, so speculation shrinks as B grows and t(B, N) steepens, stops where no node pays, and
+returns as the batch drains.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import zip_longest
 from typing import Annotated, Literal
 
 from pydantic import PlainValidator
@@ -54,13 +57,13 @@ MAX_BACKOFF = 32
 @dataclass
 class Load:
     """One batched step so far: `rows` sequences share the target forward; the rows planned so
-    far add `extra` expected tokens (beyond one each), `draft_seconds`, and trees of up to
-    `nodes` + 1 entries."""
+    far add `extra` expected tokens (beyond one each) and trees of up to `nodes` + 1 entries;
+    `rounds[i]` is the cost of the step's i-th draft round, the most any row spends in it."""
 
     rows: int
     extra: float = 0.0
-    draft_seconds: float = 0.0
     nodes: int = 0
+    rounds: list[float] = field(default_factory=list)
 
 
 class Planner:
@@ -90,7 +93,8 @@ class Planner:
 
     def begin(self, context: int, draft_queries: int = 0) -> None:
         """Start a step at cache length `context`; `draft_queries` entries fed to start drafting."""
-        self.context, self.nodes, self.expected, self.draft_seconds = context, 0, 1.0, 0.0
+        self.context, self.nodes, self.expected = context, 0, 1.0
+        self.rounds: list[float] = []  # seconds of each of this step's draft forwards
         if draft_queries:
             self.draft_forward(draft_queries)
 
@@ -107,25 +111,36 @@ class Planner:
         self.draft_forward(lag)
         return True
 
-    def draft_forward(self, queries: int) -> None:
-        self.draft_seconds += self.costs.draft_seconds(queries, self.context)
+    @property
+    def draft_seconds(self) -> float:
+        return sum(self.rounds)
 
-    def _rate(self, nodes: int, expected: float, draft_seconds: float) -> float:
+    def draft_forward(self, queries: int) -> None:
+        self.rounds.append(self.costs.draft_seconds(queries, self.context))
+        if self.load is not None:  # the batch's round costs the most any row spends in it
+            rounds, i = self.load.rounds, len(self.rounds) - 1
+            if i == len(rounds):
+                rounds.append(0.0)
+            rounds[i] = max(rounds[i], self.rounds[i])
+
+    def _rate(self, nodes: int, expected: float, rounds: list[float]) -> float:
         """Expected tokens per second of the step (of the whole batch, in a batch) if this
-        sequence drafts `nodes` nodes expected to yield `expected` tokens in `draft_seconds`."""
+        sequence drafts `nodes` nodes expected to yield `expected` tokens, after draft forwards
+        costing `rounds`."""
         load = self.load or Load(rows=1)
         rows = self.load.rows if self.load else None
         target = self.costs.target_seconds(max(nodes, load.nodes) + 1, self.context, rows)
-        return (load.rows - 1 + load.extra + expected) / (load.draft_seconds + draft_seconds + target)
+        draft = sum(max(mine, batch) for mine, batch in zip_longest(rounds, load.rounds, fillvalue=0.0))
+        return (load.rows - 1 + load.extra + expected) / (draft + target)
 
     def pays(self, estimate: float, feed_queries: int = 0) -> bool:
         """Whether one more node of this estimate (after a draft forward of `feed_queries`
         entries, when its parent must be fed first) raises the step's expected rate above both
         the rate so far and plain decoding's (no draft forward at all), so a draft that costs
         more than it saves is given up."""
-        extra = self.costs.draft_seconds(feed_queries, self.context) if feed_queries else 0.0
-        grown = self._rate(self.nodes + 1, self.expected + estimate, self.draft_seconds + extra)
-        return grown > max(self._rate(self.nodes, self.expected, self.draft_seconds), self._rate(0, 1.0, 0.0))
+        fed = self.rounds + [self.costs.draft_seconds(feed_queries, self.context)] if feed_queries else self.rounds
+        grown = self._rate(self.nodes + 1, self.expected + estimate, fed)
+        return grown > max(self._rate(self.nodes, self.expected, self.rounds), self._rate(0, 1.0, []))
 
     def add(self, estimate: float) -> None:
         self.nodes += 1
@@ -149,7 +164,6 @@ class Planner:
         draft every step."""
         if self.load is not None:
             self.load.extra += self.expected - 1.0
-            self.load.draft_seconds += self.draft_seconds
             self.load.nodes = max(self.load.nodes, self.nodes)
         if self.nodes == 0:
             self.skip, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)

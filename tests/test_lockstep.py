@@ -1,0 +1,100 @@
+"""specdec.lockstep: tasks run one at a time in a fixed order, and the forwards they ask for in the
+same round run as one joint call."""
+
+import threading
+
+import pytest
+
+from specdec import lockstep
+from specdec.lockstep import Lockstep
+
+
+class Echo:
+    """A backend stand-in: its forward returns (name, request); `forward_many` logs each joint call."""
+
+    calls: list[list[str]] = []
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @classmethod
+    def forward_many(cls, calls):
+        cls.calls.append([backend.name for backend, _ in calls])
+        return [(backend.name, request) for backend, request in calls]
+
+
+class Failing(Echo):
+    @classmethod
+    def forward_many(cls, calls):
+        raise ValueError("the joint forward failed")
+
+
+def drafting(name: str, forwards: int, log: list, backend_type=Echo):
+    """A task that asks for `forwards` forwards, logging what it does."""
+    backend = backend_type(name)
+
+    def task():
+        outputs = []
+        for i in range(forwards):
+            log.append(f"{name} asks {i}")
+            outputs.append(lockstep.forward(backend, (i,)))
+        log.append(f"{name} done")
+        return outputs
+
+    return task
+
+
+@pytest.fixture(autouse=True)
+def fresh_log():
+    Echo.calls = []
+
+
+def test_forwards_of_a_round_run_as_one_call_in_task_order():
+    log: list[str] = []
+    step = Lockstep()
+    results = step.run([drafting("a", 2, log), drafting("b", 0, log), drafting("c", 3, log)])
+    assert results == [[("a", (0,)), ("a", (1,))], [], [("c", (0,)), ("c", (1,)), ("c", (2,))]]
+    assert Echo.calls == [["a", "c"], ["a", "c"], ["c"]]  # one call per round, of the tasks still asking
+    assert log == ["a asks 0", "b done", "c asks 0", "a asks 1", "c asks 1", "a done", "c asks 2", "c done"]
+    # the workers are reused by the next step, with the same order
+    log.clear()
+    Echo.calls = []
+    assert step.run([drafting("x", 1, log), drafting("y", 1, log)]) == [[("x", (0,))], [("y", (0,))]]
+    assert Echo.calls == [["x", "y"]] and log == ["x asks 0", "y asks 0", "x done", "y done"]
+
+
+def test_a_lone_task_runs_on_the_calling_thread_and_forwards_directly():
+    seen = []
+
+    def task():
+        seen.append(threading.current_thread())
+        return lockstep.forward(Echo("solo"), (7,))
+
+    assert Lockstep().run([task]) == [("solo", (7,))]
+    assert seen == [threading.current_thread()] and Echo.calls == [["solo"]]
+
+
+def test_a_failing_task_raises_its_error_and_cancels_the_others():
+    log: list[str] = []
+
+    def broken():
+        lockstep.forward(Echo("bad"), (0,))
+        raise KeyError("the strategy failed")
+
+    step = Lockstep()
+    with pytest.raises(KeyError, match="the strategy failed"):
+        step.run([drafting("a", 3, log), broken, drafting("c", 3, log)])
+    assert "a done" not in log and "c done" not in log  # cancelled at their next forward
+    assert Echo.calls == [["a", "bad", "c"]]  # nothing ran after the failure
+    assert step.run([drafting("a", 1, log), drafting("b", 1, log)]) == [[("a", (0,))], [("b", (0,))]]  # usable again
+
+
+def test_a_failing_joint_forward_raises_and_ends_every_task():
+    log: list[str] = []
+    with pytest.raises(ValueError, match="the joint forward failed"):
+        Lockstep().run([drafting("a", 2, log, Failing), drafting("b", 2, log, Failing)])
+    assert log == ["a asks 0", "b asks 0"]
+
+
+def test_outside_a_task_a_forward_is_a_joint_call_of_one():
+    assert lockstep.forward(Echo("direct"), (1,)) == ("direct", (1,)) and Echo.calls == [["direct"]]
