@@ -145,13 +145,23 @@ def batched_backend(target: Backend, rows: int) -> BatchedRows:
 
 
 def _batch_costs(decoder, rows: int) -> CostModel | None:
-    """The decoder's cost model with the target's t(B, N) surface up to `rows` rows (cached per
-    config), for `auto` budgets; None without them."""
+    """The decoder's cost model with the t(B, N) surfaces of the target and of a draft model up
+    to `rows` rows (cached per config), for `auto` budgets; None without them. (An EAGLE-3 head's
+    batched forward is costed as one row's.)"""
     planner = decoder.strategy.planner
     if planner is None:
         return None
-    spec = decoder.config.target if decoder.config is not None else None
-    return replace(planner.costs, rows=load_or_measure_surface(spec, decoder.target, rows))
+    config, draft = decoder.config, draft_model(decoder.draft)
+    target = load_or_measure_surface(config.target if config else None, decoder.target, rows)
+    draft_rows = load_or_measure_surface(config.draft if config else None, draft, rows) if draft is not None else None
+    return replace(planner.costs, rows=target, draft_rows=draft_rows)
+
+
+def draft_model(draft: Backend | None) -> PyTorchBackend | None:
+    """The pytorch draft model a batch runs in rows (also inside a reduced vocabulary), or None
+    (no draft, an EAGLE-3 head)."""
+    inner = draft.inner if isinstance(draft, MappedVocabBackend) else draft
+    return inner if type(inner) is PyTorchBackend else None
 
 
 def _row_drafts(draft: Backend | None, rows: int) -> tuple[list[Backend | None], BatchedRows | None]:

@@ -396,11 +396,12 @@ def profile(config, queries, contexts, repeats, breakdown_q, which, overrides):
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--refresh", is_flag=True, help="measure again even when a cached calibration exists")
-@click.option("--batch-size", type=click.IntRange(1), help="also the target's batched surface t(B, Q), B up to this")
+@click.option("--batch-size", type=click.IntRange(1), help="also the batched surfaces t(B, Q) of the target and a draft model, B up to this")
 @click.option("--plot", type=click.Path(dir_okay=False), help="also draw the curves into this PNG (needs matplotlib)")
 @click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
 def calibrate(config, refresh, batch_size, plot, overrides):
     """Measure (or show the cached) forward cost curves that `auto` budgets plan with."""
+    from specdec.batch import draft_model
     from specdec.config import load_config
     from specdec.costs import curve_path, load_or_measure, load_or_measure_surface
     from specdec.profile import curve_table, surface_table
@@ -411,10 +412,12 @@ def calibrate(config, refresh, batch_size, plot, overrides):
         curves.append((role, spec, curve))
         click.echo(f"{role}: {spec.model} on {spec.backend} ({backend.device}); cached in {curve_path(spec, backend)}")
         click.echo(curve_table(curve))
-        if role == "target" and batch_size:
-            surface = load_or_measure_surface(spec, backend, batch_size, refresh)
-            click.echo(f"target, batched: cached in {curve_path(spec, backend, 'rows')}")
-            click.echo(surface_table(surface))
+        rows_of = backend if role == "target" else draft_model(backend)
+        if batch_size and rows_of is not None:
+            measured = load_or_measure_surface(spec, rows_of, batch_size, refresh)
+            click.echo(f"{role}, batched: cached in {curve_path(spec, rows_of, 'rows')}")
+            click.echo(surface_table(measured))
+            surface = measured if role == "target" else surface
     if plot:
         _plot_curves(curves, surface, plot)
         click.echo(f"wrote {plot}", err=True)

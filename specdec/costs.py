@@ -197,11 +197,12 @@ def _time_rows(batch, count: int, query: int, context: int, repeats: int, warmup
 @dataclass
 class CostModel:
     """What a step costs: target forwards of n tree nodes, draft forwards of q new entries, and,
-    for batched decoding, target forwards of B rows (`rows`)."""
+    for batched decoding, target and draft forwards of B rows (`rows`, `draft_rows`)."""
 
     target: Curve
     draft: Curve | None
     rows: Surface | None = None
+    draft_rows: Surface | None = None
 
     def target_seconds(self, nodes: int, context: int, rows: int | None = None) -> float:
         """One forward of `nodes` entries; with `rows`, a batched forward of that many rows of
@@ -210,7 +211,11 @@ class CostModel:
             return self.rows.at(rows, nodes, context)
         return self.target.at(nodes, context)
 
-    def draft_seconds(self, query: int, context: int) -> float:
+    def draft_seconds(self, query: int, context: int, rows: int | None = None) -> float:
+        """One draft forward of `query` entries; with `rows`, a batched one of that many rows
+        (without a measured draft surface, as one row's)."""
+        if rows is not None and self.draft_rows is not None:
+            return self.draft_rows.at(rows, query, context)
         return 0.0 if self.draft is None else self.draft.at(query, context)
 
 

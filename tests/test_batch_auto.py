@@ -38,8 +38,10 @@ def auto_decoder(target_model, draft_model, label: str, surface: Surface, monkey
     component = get_strategy(name)
     strategy = component.cls(component.cls.Options(**options))
     strategy.set_costs(ALONE)
-    monkeypatch.setattr(specdec.batch, "load_or_measure_surface", lambda spec, backend, rows: surface)
-    return SpeculativeDecoder(PyTorchBackend(target_model), PyTorchBackend(draft_model), strategy, GenerationOptions())
+    target, draft = PyTorchBackend(target_model), PyTorchBackend(draft_model)
+    surfaces = {id(target): surface, id(draft): Surface([1], [ALONE.draft])}  # a batched draft forward: as one row's
+    monkeypatch.setattr(specdec.batch, "load_or_measure_surface", lambda spec, backend, rows: surfaces[id(backend)])
+    return SpeculativeDecoder(target, draft, strategy, GenerationOptions())
 
 
 def record_plans(monkeypatch) -> list[tuple[int, int]]:
@@ -115,25 +117,33 @@ def test_the_planner_values_the_batch_not_the_row():
     assert planner.load.nodes == 3 and planner.load.extra == pytest.approx(1.8)
 
 
-def test_a_draft_round_another_row_pays_for_costs_a_row_nothing():
-    """The rows' i-th draft forwards run as one call: the step's draft time is, per round, the
-    most any row spends in it."""
-    costs = CostModel(curve(0.010, 0.010), curve(0.004, 0.004), ROOMY)
+def test_a_draft_round_another_row_pays_for_costs_a_row_only_its_share():
+    """The rows' i-th draft forwards run as one call: a round costs one batched draft forward of
+    the rows in it (the draft's surface), so joining a round another row runs costs little."""
+    draft_rows = Surface([1, 8], [curve(0.004, 0.004), curve(0.005, 0.005)])
+    costs = CostModel(curve(0.010, 0.010), curve(0.004, 0.004), ROOMY, draft_rows)
+    load = Load(rows=2)
+    other = Planner(costs)
+    other.load = load
+    other.begin(100)
+    other.draft_forward(1)
+    other.draft_forward(1)  # the other row drafts two rounds
+    riding = Planner(costs)
+    riding.load = load
+    riding.begin(100)
     alone = Planner(costs)
     alone.load = Load(rows=2)
     alone.begin(100)
-    riding = Planner(costs)
-    riding.load = Load(rows=2, rounds=[0.004, 0.004])
-    riding.begin(100)
-    # 2 rows, extra entries nearly free: a node of 0.2 pays for a draft round only when
-    # another row pays for that round already
+    # 2 rows, extra entries nearly free: a node of 0.2 pays for a draft forward only when another
+    # row runs that round anyway
     assert riding.pays(0.2, feed_queries=1) and not alone.pays(0.2, feed_queries=1)
     riding.draft_forward(1)
-    riding.add(0.2)
-    assert riding.load.rounds == [0.004, 0.004]  # nothing added: that round ran anyway
+    two, one = draft_rows.at(2, 1, 100), draft_rows.at(1, 1, 100)
+    assert load.rounds == [{other: 1, riding: 1}, {other: 1}]
+    assert riding.draft_seconds == pytest.approx(two + one)  # the step's draft: 2 rows, then 1
     riding.draft_forward(1)
-    riding.draft_forward(1)
-    assert riding.load.rounds == pytest.approx([0.004, 0.004, 0.004])  # a third round is its own
+    riding.draft_forward(4)  # a third round is its own
+    assert riding.draft_seconds == pytest.approx(2 * two + draft_rows.at(1, 4, 100))
 
 
 @pytest.mark.parametrize("label", ["dyspec", "hybrid", "chain"])
@@ -204,3 +214,5 @@ def test_calibrate_shows_and_plots_the_batched_surface(capsys, write_config, mon
     assert "target, batched: cached in" in out and plot.stat().st_size > 0
     table = out[out.index("target, batched"):].splitlines()
     assert [line.split()[0] for line in table[3:6]] == ["1", "2", "3"]  # a line per measured batch size
+    table = out[out.index("draft, batched: cached in"):].splitlines()  # the config's pytorch draft model too
+    assert [line.split()[0] for line in table[3:6]] == ["1", "2", "3"]

@@ -19,8 +19,9 @@ In a batch (specdec/batch.py) the rate is the whole batch's: B rows step in one 
 t(B, N) seconds (the measured surface; N the largest row's tree, as trees are padded), every row
 emits at least one token, and the rows planned earlier in the step (`Load`) have added their
 expected tokens and nodes. The rows' i-th draft forwards run as one call (specdec/lockstep.py), so
-the step's draft time is, per round, the most any row spends in it: a row drafting no deeper than
-the others adds no draft time. A row's node joins only when it raises the batch's tokens per
+the step's draft time is, per round, one batched draft forward of the rows in it (the draft's own
+measured surface; an EAGLE-3 head's single forward): a row joining a round that runs anyway adds
+only what one more row costs. A row's node joins only when it raises the batch's tokens per
 second, so speculation shrinks as B grows and t(B, N) steepens, stops where no node pays, and
 returns as the batch drains.
 """
@@ -28,7 +29,6 @@ returns as the batch drains.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import zip_longest
 from typing import Annotated, Literal
 
 from pydantic import PlainValidator
@@ -58,12 +58,13 @@ MAX_BACKOFF = 32
 class Load:
     """One batched step so far: `rows` sequences share the target forward; the rows planned so
     far add `extra` expected tokens (beyond one each) and trees of up to `nodes` + 1 entries;
-    `rounds[i]` is the cost of the step's i-th draft round, the most any row spends in it."""
+    `rounds[i]` holds the draft queries of each row (by planner) in the step's i-th draft round,
+    whose forwards run as one call."""
 
     rows: int
     extra: float = 0.0
     nodes: int = 0
-    rounds: list[float] = field(default_factory=list)
+    rounds: list[dict[Planner, int]] = field(default_factory=list)
 
 
 class Planner:
@@ -94,7 +95,7 @@ class Planner:
     def begin(self, context: int, draft_queries: int = 0) -> None:
         """Start a step at cache length `context`; `draft_queries` entries fed to start drafting."""
         self.context, self.nodes, self.expected = context, 0, 1.0
-        self.rounds: list[float] = []  # seconds of each of this step's draft forwards
+        self.rounds: list[int] = []  # queries of each of this step's draft forwards
         if draft_queries:
             self.draft_forward(draft_queries)
 
@@ -113,32 +114,44 @@ class Planner:
 
     @property
     def draft_seconds(self) -> float:
-        return sum(self.rounds)
+        return self._draft_seconds(self.rounds)
 
     def draft_forward(self, queries: int) -> None:
-        self.rounds.append(self.costs.draft_seconds(queries, self.context))
-        if self.load is not None:  # the batch's round costs the most any row spends in it
-            rounds, i = self.load.rounds, len(self.rounds) - 1
-            if i == len(rounds):
-                rounds.append(0.0)
-            rounds[i] = max(rounds[i], self.rounds[i])
+        self.rounds.append(queries)
+        if self.load is not None:  # this row joins the batch's round
+            if len(self.rounds) > len(self.load.rounds):
+                self.load.rounds.append({})
+            self.load.rounds[len(self.rounds) - 1][self] = queries
 
-    def _rate(self, nodes: int, expected: float, rounds: list[float]) -> float:
+    def _draft_seconds(self, rounds: list[int]) -> float:
+        """The step's draft seconds if this sequence's draft forwards are of `rounds` queries:
+        alone, their sum; in a batch, per round one forward of the rows in it, padded to the
+        largest query."""
+        if self.load is None:
+            return sum(self.costs.draft_seconds(queries, self.context) for queries in rounds)
+        seconds = 0.0
+        for i in range(max(len(rounds), len(self.load.rounds))):
+            queries = [q for row, q in self.load.rounds[i].items() if row is not self] if i < len(self.load.rounds) else []
+            queries += rounds[i : i + 1]
+            if queries:
+                seconds += self.costs.draft_seconds(max(queries), self.context, rows=len(queries))
+        return seconds
+
+    def _rate(self, nodes: int, expected: float, rounds: list[int]) -> float:
         """Expected tokens per second of the step (of the whole batch, in a batch) if this
         sequence drafts `nodes` nodes expected to yield `expected` tokens, after draft forwards
-        costing `rounds`."""
+        of `rounds` queries."""
         load = self.load or Load(rows=1)
         rows = self.load.rows if self.load else None
         target = self.costs.target_seconds(max(nodes, load.nodes) + 1, self.context, rows)
-        draft = sum(max(mine, batch) for mine, batch in zip_longest(rounds, load.rounds, fillvalue=0.0))
-        return (load.rows - 1 + load.extra + expected) / (draft + target)
+        return (load.rows - 1 + load.extra + expected) / (self._draft_seconds(rounds) + target)
 
     def pays(self, estimate: float, feed_queries: int = 0) -> bool:
         """Whether one more node of this estimate (after a draft forward of `feed_queries`
         entries, when its parent must be fed first) raises the step's expected rate above both
         the rate so far and plain decoding's (no draft forward at all), so a draft that costs
         more than it saves is given up."""
-        fed = self.rounds + [self.costs.draft_seconds(feed_queries, self.context)] if feed_queries else self.rounds
+        fed = self.rounds + [feed_queries] if feed_queries else self.rounds
         grown = self._rate(self.nodes + 1, self.expected + estimate, fed)
         return grown > max(self._rate(self.nodes, self.expected, self.rounds), self._rate(0, 1.0, []))
 
