@@ -46,9 +46,11 @@ def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
         inputs = dict(messages=[[{"role": "user", "content": q.turns[0]}] for q in questions])
     else:
         inputs = dict(prompts=[q.turns[0] for q in questions])
+    largest = max(batch_sizes)  # warm up at the largest batch, which also measures auto's surfaces for it
+    warm = {k: (v * largest)[:largest] for k, v in inputs.items()}
     for _, decoder in methods:
         for _ in range(settings.warmup):
-            _run(decoder, {k: v[:2] for k, v in inputs.items()}, 2, min(16, max_new))
+            _run(decoder, warm, largest, min(16, max_new))
     runs: dict[tuple[str, int], list[BatchRun]] = {}
     bar = tqdm(total=settings.repeats * len(methods) * len(batch_sizes), desc="bench", file=sys.stderr, unit="batch run")
     for _ in range(settings.repeats):
