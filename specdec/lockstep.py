@@ -55,15 +55,19 @@ class Lockstep:
         for worker, task in zip(workers, tasks):
             worker.task, worker.result, worker.error, worker.done = task, None, None, False
         active, failure = workers, None
-        while active:
-            for worker in active:  # one at a time: a deterministic round
-                worker.wake.release()
-                self._yielded.acquire()
-            active = [worker for worker in workers if not worker.done]
-            failure = failure or next((w.error for w in workers if w.error and not isinstance(w.error, Cancelled)), None)
-            if active:
-                error = self._answer(active, cancel=failure is not None)
-                failure = failure or error
+        try:
+            while active:
+                for worker in active:  # one at a time: a deterministic round
+                    worker.wake.release()
+                    self._yielded.acquire()
+                active = [worker for worker in workers if not worker.done]
+                failure = failure or next((w.error for w in workers if w.error and not isinstance(w.error, Cancelled)), None)
+                if active:
+                    error = self._answer(active, cancel=failure is not None)
+                    failure = failure or error
+        except BaseException:  # interrupted here (Ctrl-C): leave these workers paused for good, start afresh
+            self._workers, self._yielded = [], threading.Semaphore(0)
+            raise
         for worker in workers:
             worker.task = None
         if failure is not None:

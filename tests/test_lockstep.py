@@ -96,5 +96,19 @@ def test_a_failing_joint_forward_raises_and_ends_every_task():
     assert log == ["a asks 0", "b asks 0"]
 
 
+def test_an_interrupted_step_leaves_the_lockstep_usable(monkeypatch):
+    log: list[str] = []
+    step = Lockstep()
+
+    def interrupted(paused, cancel):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Lockstep, "_answer", staticmethod(interrupted))
+        with pytest.raises(KeyboardInterrupt):
+            step.run([drafting("a", 2, log), drafting("b", 2, log)])
+    assert step.run([drafting("x", 1, log), drafting("y", 2, log)]) == [[("x", (0,))], [("y", (0,)), ("y", (1,))]]
+
+
 def test_outside_a_task_a_forward_is_a_joint_call_of_one():
     assert lockstep.forward(Echo("direct"), (1,)) == ("direct", (1,)) and Echo.calls == [["direct"]]
