@@ -11,9 +11,10 @@ Only one thread runs at a time, always in the order the tasks were given, so a s
 what running the proposals one after another would do, except that their draft forwards of the
 same round share one model call. Strategies and plugins stay unchanged.
 
-Example (chain k 2 on rows 0 and 1, lookup on nothing): round 0 runs row 0 to its first draft
-forward, then row 1 to its first; one call of 2 rows answers both; round 1 runs each to its second
-forward; one call; round 2 runs each to the end of its proposal.
+Example (chain k 2 on rows 0 and 1, a backing-off row 2 that drafts nothing): round 0 runs row 0
+to its first draft forward, row 1 to its first, row 2 to the end of its proposal; one call of 2
+rows answers rows 0 and 1; round 1 runs each to its second forward; one call; round 2 runs each to
+the end of its proposal.
 """
 
 from __future__ import annotations
