@@ -1,6 +1,11 @@
 import functools
+import os
 import shutil
 from pathlib import Path
+
+# Hermetic: no test reaches a model hub. Set before huggingface_hub is imported, so a hub id that
+# is not cached fails at once instead of after the connection attempts time out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
