@@ -91,16 +91,16 @@ class Eagle3Backend(TimedForwards, Backend):
     @torch.inference_mode()
     def forward_many(cls, calls: list[tuple[Eagle3Backend, tuple]]) -> list[torch.Tensor]:
         """Heads over the same weights (the rows of a batch) -> one head call per level."""
-        heads = [head for head, _ in calls]
-        with ExitStack() as timing:
-            for head in heads:
-                timing.enter_context(head.clock.timing())
-            logits = _forward_heads([(head, ids[0].tolist(), positions[0].tolist(), mask[0])
-                                     for head, (ids, positions, mask) in calls])
+        backends = [backend for backend, _ in calls]
+        with ExitStack() as timing:  # each backend's forward took the whole call
+            for backend in backends:
+                timing.enter_context(backend.clock.timing())
+            logits = _forward_heads([(backend, ids[0].tolist(), positions[0].tolist(), mask[0])
+                                     for backend, (ids, positions, mask) in calls])
         out = []
-        for head, row_logits in zip(heads, logits):
-            head.forward_calls += 1
-            out.append(scatter_to_target(row_logits, head._columns, head.vocab_size)[None])  # [1, Q, V]
+        for backend, row_logits in zip(backends, logits):
+            backend.forward_calls += 1
+            out.append(scatter_to_target(row_logits, backend._columns, backend.vocab_size)[None])  # [1, Q, V]
         return out
 
     def _forward(self, ids: list[int], positions: list[int], mask: torch.Tensor) -> torch.Tensor:
