@@ -96,6 +96,7 @@ class Planner:
         """Start a step at cache length `context`; `draft_queries` entries fed to start drafting."""
         self.context, self.nodes, self.expected = context, 0, 1.0
         self.rounds: list[int] = []  # queries of each of this step's draft forwards
+        self.spent = 0.0  # their seconds, each as one sequence's forward
         if draft_queries:
             self.draft_forward(draft_queries)
 
@@ -114,21 +115,23 @@ class Planner:
 
     @property
     def draft_seconds(self) -> float:
-        return self._draft_seconds(self.rounds)
+        return self._draft_seconds()
 
     def draft_forward(self, queries: int) -> None:
         self.rounds.append(queries)
+        self.spent += self.costs.draft_seconds(queries, self.context)
         if self.load is not None:  # this row joins the batch's round
             if len(self.rounds) > len(self.load.rounds):
                 self.load.rounds.append({})
             self.load.rounds[len(self.rounds) - 1][self] = queries
 
-    def _draft_seconds(self, rounds: list[int]) -> float:
-        """The step's draft seconds if this sequence's draft forwards are of `rounds` queries:
-        alone, their sum; in a batch, per round one forward of the rows in it, padded to the
-        largest query."""
-        if self.load is None:
-            return sum(self.costs.draft_seconds(queries, self.context) for queries in rounds)
+    def _draft_seconds(self, feed: int = 0, own: bool = True) -> float:
+        """The step's draft seconds with this sequence's draft forwards so far (none if not
+        `own`) and one more of `feed` queries (if any): alone, their sum; in a batch, per round
+        one forward of the rows in it, padded to the largest query."""
+        if self.load is None:  # the common path: constant time
+            return (self.spent if own else 0.0) + (self.costs.draft_seconds(feed, self.context) if feed else 0.0)
+        rounds = (self.rounds + [feed] if feed else self.rounds) if own else []
         seconds = 0.0
         for i in range(max(len(rounds), len(self.load.rounds))):
             queries = [q for row, q in self.load.rounds[i].items() if row is not self] if i < len(self.load.rounds) else []
@@ -137,23 +140,23 @@ class Planner:
                 seconds += self.costs.draft_seconds(max(queries), self.context, rows=len(queries))
         return seconds
 
-    def _rate(self, nodes: int, expected: float, rounds: list[int]) -> float:
+    def _rate(self, nodes: int, expected: float, draft_seconds: float) -> float:
         """Expected tokens per second of the step (of the whole batch, in a batch) if this
-        sequence drafts `nodes` nodes expected to yield `expected` tokens, after draft forwards
-        of `rounds` queries."""
+        sequence drafts `nodes` nodes expected to yield `expected` tokens, the step's draft
+        taking `draft_seconds`."""
         load = self.load or Load(rows=1)
         rows = self.load.rows if self.load else None
         target = self.costs.target_seconds(max(nodes, load.nodes) + 1, self.context, rows)
-        return (load.rows - 1 + load.extra + expected) / (self._draft_seconds(rounds) + target)
+        return (load.rows - 1 + load.extra + expected) / (draft_seconds + target)
 
     def pays(self, estimate: float, feed_queries: int = 0) -> bool:
         """Whether one more node of this estimate (after a draft forward of `feed_queries`
         entries, when its parent must be fed first) raises the step's expected rate above both
         the rate so far and plain decoding's (no draft forward at all), so a draft that costs
         more than it saves is given up."""
-        fed = self.rounds + [feed_queries] if feed_queries else self.rounds
-        grown = self._rate(self.nodes + 1, self.expected + estimate, fed)
-        return grown > max(self._rate(self.nodes, self.expected, self.rounds), self._rate(0, 1.0, []))
+        grown = self._rate(self.nodes + 1, self.expected + estimate, self._draft_seconds(feed_queries))
+        so_far = self._rate(self.nodes, self.expected, self._draft_seconds())
+        return grown > max(so_far, self._rate(0, 1.0, self._draft_seconds(own=False)))
 
     def add(self, estimate: float) -> None:
         self.nodes += 1
