@@ -172,13 +172,13 @@ def _row_drafts(draft: Backend | None, rows: int) -> tuple[list[Backend | None],
         return [None] * rows, None
     if isinstance(draft, Eagle3Backend):
         return [Eagle3Backend(draft.head, draft.max_length, draft.eos_token_ids) for _ in range(rows)], None
-    if isinstance(draft, MappedVocabBackend):  # a reduced-vocabulary draft
-        inner, batch = _row_drafts(draft.inner, rows)
-        return [MappedVocabBackend(row, draft.draft_to_target.tolist(), draft.vocab_size) for row in inner], batch
-    if type(draft) is not PyTorchBackend:
+    model = draft_model(draft)
+    if model is None:
         raise SpecdecError(f"batched decoding takes a pytorch draft model or an EAGLE-3 head so far, not {draft.name}; "
                            "decode one prompt at a time with this draft")
-    batch = BatchedPyTorch(draft, rows)
+    batch = BatchedPyTorch(model, rows)
+    if isinstance(draft, MappedVocabBackend):  # a reduced-vocabulary draft
+        return [MappedVocabBackend(row, draft.draft_to_target.tolist(), draft.vocab_size) for row in batch.rows], batch
     return list(batch.rows), batch
 
 
