@@ -134,8 +134,22 @@ def test_run_prompts_and_bench_batch_size_on_the_demo_pair(capsys, tmp_path):
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert [(r["name"], r["batch_size"]) for r in report["runs"]] == [("ar", 1), ("ar", 2), ("chain", 1), ("chain", 2)]
     assert all(r["outputs_match_ar"] for r in report["runs"])
+    assert all(r["decode_tokens_per_second"] > 0 for r in report["runs"])
+    assert "decode tokens/s" in (tmp_path / "b" / "report.md").read_text()
     code, _, err = run_cli(capsys, "bench", config, "--batch-size", "2", "--out", str(tmp_path / "c"))
     assert code == 1 and "only the ar baseline" in err and err.count("\n") == 1
+
+
+def test_a_batched_speedup_pairs_each_repeat_with_ars():
+    from specdec.bench.batched import BatchRun, paired_speedup
+
+    def runs(*rates):
+        return [BatchRun(rate, rate, [], [], [], []) for rate in rates]
+
+    # the repeats read 1.0x, 0.5x, 1.0x: the median is 1.0x, where the medians' ratio would read 20 / 30
+    assert paired_speedup(runs(10, 20, 30), runs(10, 40, 30)) == 1.0
+    with pytest.raises(ValueError):
+        paired_speedup(runs(10, 20), runs(10))
 
 
 @pytest.mark.parametrize("label", ["chain", "dyspec", "gsd"])

@@ -3,10 +3,16 @@
 Every prompt (a question's first turn) is submitted at once; the loop decodes up to B of them per
 target forward and refills rows as sequences finish. Per method and batch size:
 - tokens/s: all new tokens over the wall time of the whole set;
+- decode tokens/s: the tokens the steps emitted (all but each request's first, which its prefill
+  chooses) over the wall time less the prefills' (joining rows prefill one at a time, between
+  steps): what batching the steps gives, apart from the prefills it cannot share;
 - time to first token: from submission to a request's first token (waiting for a row included);
 - inter-token latency: a block of n tokens emitted t after the request's previous block counts as
   n gaps of t / n; p50 and p99 over every gap of every request.
-`ar` (the target alone through the same batched loop) is the reference at each batch size.
+`ar` (the target alone through the same batched loop) is the reference at each batch size. A
+repeat runs every method at one B back to back before the next B, and a method's speedup is the
+median over repeats of its throughput over `ar`'s in the same repeat: pairs minutes apart on a
+noisy machine would compare the machine's drift as much as the methods.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from specdec.errors import SpecdecError
 @dataclass
 class BatchRun:
     tokens_per_second: float
+    decode_tokens_per_second: float
     first_token: list[float]  # seconds, per request
     gaps: list[float]  # seconds, per emitted token after a request's first
     outputs: list[list[int]]
@@ -54,20 +61,22 @@ def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
     runs: dict[tuple[str, int], list[BatchRun]] = {}
     bar = tqdm(total=settings.repeats * len(methods) * len(batch_sizes), desc="bench", file=sys.stderr, unit="batch run")
     for _ in range(settings.repeats):
-        for name, decoder in methods:
-            for size in batch_sizes:
+        for size in batch_sizes:
+            for name, decoder in methods:
                 runs.setdefault((name, size), []).append(_run(decoder, inputs, size, max_new))
                 bar.update()
     bar.close()
     greedy = config.generation.temperature == 0.0
     rows = []
-    for (name, size), repeats in runs.items():
-        median = sorted(repeats, key=lambda r: r.tokens_per_second)[len(repeats) // 2]
-        ar = sorted(runs[("ar", size)], key=lambda r: r.tokens_per_second)[len(repeats) // 2]
+    for name, size in ((name, size) for name, _ in methods for size in batch_sizes):
+        repeats, ar_repeats = runs[(name, size)], runs[("ar", size)]
+        median = _median(repeats, lambda r: r.tokens_per_second)
+        ar = _median(ar_repeats, lambda r: r.tokens_per_second)
         total = merge_metrics(median.metrics)
         rows.append({
             "name": name, "batch_size": size, "tokens_per_second": median.tokens_per_second,
-            "speedup_vs_ar": median.tokens_per_second / ar.tokens_per_second,
+            "decode_tokens_per_second": median.decode_tokens_per_second,
+            "speedup_vs_ar": paired_speedup(repeats, ar_repeats),
             "mean_accepted_length": total.mean_accepted_length,
             "drafted_nodes_per_step": total.drafted_nodes / total.steps if total.steps else 0.0,
             "first_token_p50_ms": 1e3 * statistics.median(median.first_token),
@@ -99,7 +108,18 @@ def _run(decoder, inputs: dict, batch_size: int, max_new: int) -> BatchRun:
     outputs = decoder.generate_batch(**inputs, batch_size=batch_size, on_tokens=on_tokens, max_new_tokens=max_new)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outputs)
-    return BatchRun(tokens / seconds, first_token, gaps, [o.token_ids for o in outputs], [o.metrics for o in outputs])
+    prefill_seconds = sum(o.metrics.prefill_seconds for o in outputs)
+    decode = sum(max(0, len(o.token_ids) - 1) for o in outputs) / max(seconds - prefill_seconds, 1e-9)
+    return BatchRun(tokens / seconds, decode, first_token, gaps, [o.token_ids for o in outputs], [o.metrics for o in outputs])
+
+
+def _median(repeats: list[BatchRun], key) -> BatchRun:
+    return sorted(repeats, key=key)[len(repeats) // 2]
+
+
+def paired_speedup(runs: list[BatchRun], ar_runs: list[BatchRun]) -> float:
+    """The median over repeats of a method's throughput over `ar`'s in the same repeat."""
+    return statistics.median(r.tokens_per_second / a.tokens_per_second for r, a in zip(runs, ar_runs, strict=True))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -115,15 +135,15 @@ def markdown(report: dict) -> str:
         *machine_lines(report),
         f"Settings: {s['questions']} prompts (first turns) from `{s['prompts']}`{' as chat' if s['chat'] else ''}, "
         f"max_new_tokens {s['max_new_tokens']}, batch sizes {', '.join(map(str, s['batch_sizes']))}, "
-        f"{'greedy' if s['greedy'] else 'sampling'}, median of {s['repeats']} repeats; configs {', '.join(s['configs'])}"
+        f"{'greedy' if s['greedy'] else 'sampling'}, median of {s['repeats']} repeats (speedups: of ratios within a repeat); configs {', '.join(s['configs'])}"
         + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else ""),
         "",
-        "| method | batch | tokens/s (all) | vs ar | tau | nodes/step | first token p50 ms | inter-token p50 ms | p99 ms | same as ar |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | batch | tokens/s (all) | vs ar | decode tokens/s | tau | nodes/step | first token p50 ms | inter-token p50 ms | p99 ms | same as ar |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["runs"]:
         match = {True: "yes", False: "**NO**", None: "-"}[r["outputs_match_ar"]]
         lines.append(f"| {r['name']} | {r['batch_size']} | {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f}x | "
-                     f"{r['mean_accepted_length']:.2f} | {r['drafted_nodes_per_step']:.1f} | {r['first_token_p50_ms']:.0f} | "
+                     f"{r['decode_tokens_per_second']:.1f} | {r['mean_accepted_length']:.2f} | {r['drafted_nodes_per_step']:.1f} | {r['first_token_p50_ms']:.0f} | "
                      f"{r['inter_token_p50_ms']:.1f} | {r['inter_token_p99_ms']:.1f} | {match} |")
     return "\n".join(lines) + "\n"
