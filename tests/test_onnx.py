@@ -5,6 +5,7 @@ import logging
 import shutil
 
 import pytest
+import torch
 
 pytest.importorskip("onnxruntime", reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
 
@@ -108,24 +109,62 @@ def test_a_manifest_from_an_incompatible_version(exports, tmp_path):
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["format_version"] = 99
     (folder / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(SpecdecError, match="version 99 .* this specdec reads 'specdec-onnx' versions 2, 3: export the model again"):
+    with pytest.raises(SpecdecError, match="version 99 .* this specdec reads 'specdec-onnx' versions 2, 3, 4: export the model again"):
         OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())
 
 
-def test_an_export_of_format_2_still_loads_and_decodes(exports, models, tmp_path):
-    """Format 2 is format 3 without the features output: its manifest names no feature layers."""
-    folder = tmp_path / "v2"
-    shutil.copytree(exports["llama"][1], folder)
+@pytest.fixture(scope="module")
+def format3(exports, tmp_path_factory):
+    """An export of format 3, as specdec wrote it before logit_positions: every position's logits."""
+    from specdec.export import onnx as export_module
+    from specdec.export import onnx_graph
+
+    class Format3(onnx_graph.TreeMaskGraph):
+        def forward(self, input_ids, position_ids, attention_mask, past):
+            return super().forward(input_ids, position_ids, attention_mask, past, 0)  # 0: every position
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export_module, "TreeMaskGraph", Format3)
+        patch.setattr(export_module, "FORMAT_VERSION", 3)
+        patch.setattr(export_module, "input_names", lambda layers: onnx_graph.input_names(layers)[:-1])
+        patch.setattr(export_module, "example_inputs", lambda *a: onnx_graph.example_inputs(*a)[:-1])
+        patch.setattr(export_module, "dynamic_shapes", lambda layers: {k: v for k, v in onnx_graph.dynamic_shapes(layers).items()
+                                                                       if k != "logit_positions"})
+        return export_onnx(str(exports["llama"][0]), tmp_path_factory.mktemp("v3") / "onnx")
+
+
+def test_a_prefill_returns_the_last_logits_alone_from_format_4(exports, format3, monkeypatch):
+    """Format 4 runs the output projection on a prefill's last position only; format 3 on all."""
+    shapes = []
+    execute = OnnxRuntimeBackend.execute
+    monkeypatch.setattr(OnnxRuntimeBackend, "execute", lambda self, i, o: (shapes.append(tuple(o[0].shape)), execute(self, i, o)))
+    for folder, prefill_logits in ((exports["llama"][1], (1, 1, 96)), (format3, (1, len(PROMPT), 96))):
+        target = OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())
+        shapes.clear()
+        target.prefill(torch.tensor([PROMPT]))
+        target.forward(torch.tensor([[5, 6]]), torch.tensor([[6, 7]]), torch.ones(1, 2, 2, dtype=torch.bool).tril_())
+        assert shapes == [prefill_logits, (1, 2, 96)]
+
+
+@pytest.mark.parametrize("version", [3, 2])
+def test_exports_of_older_formats_still_load_and_decode(format3, models, tmp_path, version):
+    """Format 3 returns every position's logits; format 2 is format 3 without the features output
+    (its manifest names no feature layers)."""
+    folder = tmp_path / f"v{version}"
+    shutil.copytree(format3, folder)
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["feature_layers"] == [] and manifest["outputs"][-1] != "features"  # 2 layers: no EAGLE-3 defaults
-    manifest["format_version"] = 2
-    del manifest["feature_layers"], manifest["hidden_size"]
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    assert manifest["format_version"] == 3 and "logit_positions" not in manifest["inputs"]
+    if version == 2:
+        manifest["format_version"] = 2
+        del manifest["feature_layers"], manifest["hidden_size"]
+        (folder / MANIFEST).write_text(json.dumps(manifest))
     target = OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())
     ar = get_strategy("ar").cls
     decoder = SpeculativeDecoder(target, None, ar(ar.Options()), GenerationOptions())
     assert decoder.generate(PROMPT, max_new_tokens=20).token_ids == hf_greedy(models("llama", 0), PROMPT, 20)
-    with pytest.raises(SpecdecError, match="has no features output \\(format 2"):
+    assert check_export(folder)["ok"]
+    with pytest.raises(SpecdecError, match=f"has no features output \\(format {version}"):
         target.request_features((0, 1))
 
 

@@ -54,6 +54,9 @@ def test_profiles_fit_the_exported_graphs_inputs(export):
         assert all(s[2] >= 1 for s in shapes["past_key_values.0.key"])  # no zero-length cache
     assert verify.query == (1, 16, MAX_NODES) and verify.capacity[2] == context
     assert prefill.query[2] == PREFILL_CHUNK and prefill.capacity[2] == context
+    # a tree forward returns every position's logits; a prefill the last one's (its opt shape)
+    assert verify.shapes(manifest)["logit_positions"] == [(1,), (16,), (MAX_NODES,)]
+    assert prefill.shapes(manifest)["logit_positions"] == [(1,), (1,), (PREFILL_CHUNK,)]
 
 
 def test_a_batch_profile_gives_every_input_the_batch_dimension(export):
@@ -64,6 +67,8 @@ def test_a_batch_profile_gives_every_input_the_batch_dimension(export):
     assert verify.batch == (1, 8, 16) and prefill.batch == (1, 1, 1)
     for profile in (verify, prefill):
         for name, sets in profile.shapes(manifest).items():
+            if name == "logit_positions":  # [K]: positions, shared by the rows
+                continue
             assert inputs[name][0] is None  # the graph's batch dimension is dynamic
             assert [shape[0] for shape in sets] == list(profile.batch), name
     assert verify.holds(3, 100, batch=16) and not verify.holds(3, 100, batch=17)

@@ -55,22 +55,23 @@ class BatchedOnnx(BatchedRows):
             visible = torch.ones(1, length, used + length, dtype=torch.bool)  # [1, L, S + L]
             visible[0, :, used:] = torch.ones(length, length, dtype=torch.bool).tril_()
             self._reserve(used + length)
-            logits, chunk_features = self._execute(index, chunk, torch.arange(used, used + length)[None], [used], visible)
+            logits, chunk_features = self._execute(index, chunk, torch.arange(used, used + length)[None], [used], visible,
+                                                   last_only=True)
             if chunk_features is not None:
                 features.append(chunk_features[0])
         return logits[:, -1], torch.cat(features) if features else None
 
-    def _execute(self, first: int, ids, positions, used: list[int], visible):
-        """One graph run over rows first .. first + k - 1 (see `BatchedRows._call`)."""
+    def _execute(self, first: int, ids, positions, used: list[int], visible, last_only: bool = False):
+        """One graph run over rows first .. first + k - 1 (see `BatchedRows._call`); logits of the
+        last position alone if `last_only` (where the export can skip the others)."""
         count, query = ids.shape
         rows = slice(first, first + count)
         width, capacity = max(used), self.kv[0].shape[2]
         mask = torch.zeros(count, 1, query, capacity + query, dtype=torch.bool)  # [k, 1, Q, C + Q]
         mask[:, 0, :, :width] = visible[:, :, :width]
         mask[:, 0, :, capacity:] = visible[:, :, width:]
-        inputs = [t.to(self.device, non_blocking=True) for t in (ids, positions, mask)] + [t[rows] for t in self.kv]
-        outputs = self._outputs(count, query)
-        self.backend.execute(inputs, outputs)
+        outputs = self._outputs(count, query, self.backend.logit_count(query, last_only))
+        self.backend.execute(self.backend.graph_inputs(ids, positions, mask, [t[rows] for t in self.kv], last_only), outputs)
         index = torch.arange(first, first + count, device=self.device)[:, None]  # [k, 1]
         slots = (torch.tensor(used)[:, None] + torch.arange(query)).to(self.device)  # [k, Q]
         for buffer, new in zip(self.kv, outputs[1 : 1 + len(self.kv)]):
@@ -79,8 +80,8 @@ class BatchedOnnx(BatchedRows):
         features = outputs[-1].index_select(2, columns) if columns is not None else None  # [k, Q, F]
         return outputs[0].float(), features
 
-    def _outputs(self, count: int, query: int) -> list[torch.Tensor]:
-        """Empty outputs of a run over `count` rows: logits [k, Q, V], presents [k, H_kv, Q, D],
+    def _outputs(self, count: int, query: int, kept: int) -> list[torch.Tensor]:
+        """Empty outputs of a run over `count` rows: logits [k, K, V], presents [k, H_kv, Q, D],
         then features [k, Q, F_all] if the export has them."""
-        one = self.backend.output_buffers(query)  # a single sequence's, batch 1 (empty: nothing is filled)
+        one = self.backend.output_buffers(query, kept)  # a single sequence's, batch 1 (empty: nothing is filled)
         return [torch.empty(count, *t.shape[1:], dtype=t.dtype, device=self.device) for t in one]

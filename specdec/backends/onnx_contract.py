@@ -5,9 +5,11 @@ optimization profiles an engine compiler needs. A subclass adds only how one for
 
 Contract (specdec/export/onnx_graph.py): inputs input_ids, position_ids [1, Q], attention_mask
 [1, 1, Q, C + Q] bool, past_key_values.{i}.key/value [1, H_kv, C, D]: a buffer of capacity C whose
-slots the mask hides are ignored; outputs logits [1, Q, V], present.{i}.key/value [1, H_kv, Q, D]
-(the new entries only) and, from format 3, features [1, Q, F] unless exported without (the hidden
-states entering the manifest's `feature_layers`, for EAGLE-3 drafts). The export layer uses
+slots the mask hides are ignored, and from format 4 logit_positions [K]; outputs logits [1, K, V]
+([1, Q, V] before format 4), present.{i}.key/value [1, H_kv, Q, D] (the new entries only) and,
+from format 3, features [1, Q, F] unless exported without (the hidden states entering the
+manifest's `feature_layers`, for EAGLE-3 drafts). A prefill asks for the last position's logits
+only; a tree forward for all. The export layer uses
 backends, never the reverse: exports made on first use come from specdec.export.prepare.
 """
 
@@ -26,8 +28,9 @@ from specdec.backends.clock import ForwardClock, TimedForwards
 from specdec.errors import SpecdecError
 
 MANIFEST = "specdec_export.json"
-FORMAT, FORMAT_VERSION = "specdec-onnx", 3
-READS = (2, 3)  # format versions this specdec loads: 2 is 3 without the features output
+FORMAT, FORMAT_VERSION = "specdec-onnx", 4
+READS = (2, 3, 4)  # format versions this specdec loads: 3 is 4 without logit_positions, 2 is 3 without features
+LOGIT_POSITIONS = "logit_positions"  # format 4: the last input
 CAPACITY_STEP = 256  # the buffers grow by this many slots (growing copies the cache)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -82,12 +85,14 @@ def folder_eos(folder: Path) -> frozenset[int]:
 
 @dataclass(frozen=True)
 class Profile:
-    """The (min, opt, max) query length Q, buffer capacity C and batch B of one optimization profile."""
+    """The (min, opt, max) query length Q, buffer capacity C, batch B and (format 4) count K of
+    positions whose logits return (default: as Q) of one optimization profile."""
 
     name: str
     query: tuple[int, int, int]
     capacity: tuple[int, int, int]
     batch: tuple[int, int, int] = (1, 1, 1)
+    kept: tuple[int, int, int] | None = None
 
     def shapes(self, manifest: dict) -> dict[str, list[tuple[int, ...]]]:
         """Input name -> [min, opt, max] shapes. In each set the mask's last dim is C + Q."""
@@ -99,7 +104,9 @@ class Profile:
             names[1]: [(b, q) for q, _, b in sets],
             names[2]: [(b, 1, q, c + q) for q, c, b in sets],
         }
-        shapes.update({name: [(b, heads, c, dim) for _, c, b in sets] for name in names[3:]})
+        shapes.update({name: [(b, heads, c, dim) for _, c, b in sets] for name in names[3:] if name != LOGIT_POSITIONS})
+        if names[-1] == LOGIT_POSITIONS:
+            shapes[LOGIT_POSITIONS] = [(k,) for k in self.kept or self.query]
         return shapes
 
     def holds(self, query: int, capacity: int, batch: int = 1) -> bool:
@@ -118,7 +125,8 @@ def profiles(max_nodes: int, max_context: int, prefill_chunk: int, max_batch: in
         raise SpecdecError(f"max_batch must be at least 1, got {max_batch}")
     verify = Profile("verify", (1, min(16, max_nodes), max_nodes), (1, min(4 * CAPACITY_STEP, max_context), max_context),
                      (1, min(8, max_batch), max_batch))
-    prefill = Profile("prefill", (1, prefill_chunk, prefill_chunk), (1, min(prefill_chunk, max_context), max_context))
+    prefill = Profile("prefill", (1, prefill_chunk, prefill_chunk), (1, min(prefill_chunk, max_context), max_context),
+                      kept=(1, 1, prefill_chunk))  # a prefill returns the last position's logits
     return [verify, prefill]
 
 
@@ -134,6 +142,7 @@ class OnnxContractBackend(TimedForwards, Backend):
         self.manifest = manifest
         self.folder: Path | None = None  # the export's folder, where `load` knows it (input_embedding)
         self.num_layers = manifest["layers"]
+        self.picks_logits = manifest["inputs"][-1] == LOGIT_POSITIONS  # format 4: a prefill skips the others' logits
         if manifest.get("weights", {}).get("accuracy") == "int8":  # measured: docs/export.md#quantized-gguf-weights
             self.rows_interact = "onnxruntime's int8-activation kernels give a token other numbers when other tokens share its forward"
         self._feature_columns: torch.Tensor | None = None  # [F] of the features output, once requested
@@ -197,7 +206,7 @@ class OnnxContractBackend(TimedForwards, Backend):
             chunk = input_ids[:, start : start + self.prefill_chunk]
             length = chunk.shape[1]
             causal = torch.ones(length, length, dtype=torch.bool).tril_()[None]
-            logits = self.forward(chunk, torch.arange(self._committed, self._committed + length)[None], causal)
+            logits = self._forward(chunk, torch.arange(self._committed, self._committed + length)[None], causal, last_only=True)
             self.commit(list(range(length)))
             if self._feature_columns is not None:
                 features.append(self.features)
@@ -206,12 +215,17 @@ class OnnxContractBackend(TimedForwards, Backend):
         return logits[:, -1]
 
     def forward(self, input_ids, position_ids, mask) -> torch.Tensor:
+        return self._forward(input_ids, position_ids, mask, last_only=False)
+
+    def _forward(self, input_ids, position_ids, mask, last_only: bool) -> torch.Tensor:
+        """A timed forward -> logits [1, Q, V], or [1, 1, V] (the last position's) if `last_only`
+        and the export can skip the others (format 4)."""
         with self.clock.timing():
-            logits = self._forward(input_ids, position_ids, mask)
+            logits = self._run(input_ids, position_ids, mask, last_only)
         self.forward_calls += 1
         return logits
 
-    def _forward(self, input_ids, position_ids, mask) -> torch.Tensor:
+    def _run(self, input_ids, position_ids, mask, last_only: bool) -> torch.Tensor:
         query, used = input_ids.shape[1], self._committed + self._pending
         self._reserve(used + query)
         # An empty cache is passed as one sentinel slot that the mask hides (no dimension is 0).
@@ -222,9 +236,8 @@ class OnnxContractBackend(TimedForwards, Backend):
         full[0, 0, :, : self._committed] = True
         full[0, 0, :, self._committed : used] = mask[0, :, : self._pending]
         full[0, 0, :, capacity:] = mask[0, :, self._pending :]
-        ids = [t.to(self.device, torch.long, non_blocking=True) for t in (input_ids, position_ids)]
-        outputs = self.output_buffers(query)
-        self.execute(ids + [full] + [t.contiguous() for t in past], outputs)
+        outputs = self.output_buffers(query, self.logit_count(query, last_only))
+        self.execute(self.graph_inputs(input_ids, position_ids, full, [t.contiguous() for t in past], last_only), outputs)
         for buffer, new in zip(self.kv, outputs[1 : 1 + len(self.kv)]):
             buffer[:, :, used : used + query] = new
         if self._feature_columns is not None:
@@ -232,11 +245,27 @@ class OnnxContractBackend(TimedForwards, Backend):
         self._pending += query
         return outputs[0].float()
 
-    def output_buffers(self, query: int) -> list[torch.Tensor]:
-        """Empty outputs for a forward of `query` tokens, in the manifest's order: logits [1, Q, V],
-        the presents [1, H_kv, Q, D], then features [1, Q, F] if the export has them."""
+    def graph_inputs(self, ids, positions, mask, past: list[torch.Tensor], last_only: bool = False) -> list[torch.Tensor]:
+        """The graph's inputs in the manifest's order, on the device: ids, positions [B, Q], the mask
+        [B, 1, Q, C + Q], the past buffers, then (format 4) the positions [K] whose logits to return:
+        the last alone if `last_only`, else all (see `logit_count`)."""
+        query = ids.shape[1]
+        inputs = [t.to(self.device, torch.long, non_blocking=True) for t in (ids, positions)]
+        inputs += [mask.to(self.device, non_blocking=True)] + past
+        if self.picks_logits:
+            inputs.append(torch.arange(query - self.logit_count(query, last_only), query, device=self.device))
+        return inputs
+
+    def logit_count(self, query: int, last_only: bool) -> int:
+        """K: how many positions' logits a forward of `query` tokens returns."""
+        return 1 if last_only and self.picks_logits else query
+
+    def output_buffers(self, query: int, kept: int | None = None) -> list[torch.Tensor]:
+        """Empty outputs for a forward of `query` tokens, in the manifest's order: logits [1, K, V]
+        (K = `kept`, default Q), the presents [1, H_kv, Q, D], then features [1, Q, F] if the
+        export has them."""
         empty = functools.partial(torch.empty, dtype=self.dtype, device=self.device)
-        outputs = [empty(1, query, self.vocab_size)] + [empty(1, t.shape[1], query, t.shape[3]) for t in self.kv]
+        outputs = [empty(1, query if kept is None else kept, self.vocab_size)] + [empty(1, t.shape[1], query, t.shape[3]) for t in self.kv]
         if self.manifest["feature_layers"]:
             outputs.append(empty(1, query, len(self.manifest["feature_layers"]) * self.manifest["hidden_size"]))
         return outputs

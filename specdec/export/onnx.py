@@ -214,10 +214,8 @@ def worst_case(result: dict) -> str:
 def graph_logits(backend, ids, positions, mask, kv) -> torch.Tensor:
     """The graph's logits [1, Q, V] (float32, on the CPU) for raw contract inputs, run by an
     ONNX-contract backend's `execute`."""
-    device, query = backend.device, ids.shape[1]
-    inputs = [t.to(device).contiguous() for t in [ids, positions, mask] + kv]
-    outputs = backend.output_buffers(query)
-    backend.execute(inputs, outputs)
+    outputs = backend.output_buffers(ids.shape[1])
+    backend.execute(backend.graph_inputs(ids, positions, mask, [t.to(backend.device).contiguous() for t in kv]), outputs)
     return outputs[0].float().cpu()
 
 

@@ -2,12 +2,14 @@
 
 Inputs: input_ids [B,Q] int64, position_ids [B,Q] int64, attention_mask [B,1,Q,C+Q] bool,
 past_key_values.{i}.key / .value [B,H_kv,C,D]: a KV buffer of capacity C, whose slots the mask does
-not show are ignored (they must hold finite values). Outputs: logits [B,Q,V], present.{i}.key /
-.value [B,H_kv,Q,D]: the KV of the Q new entries only, for the caller to write into its buffer,
-and (format 3, unless exported without) features [B,Q,F]: the hidden states entering the decoder
-layers the manifest's `feature_layers` names, concatenated (F = their count x the hidden size),
-which an EAGLE-3 draft reads.
-The graph never copies the past: attention reads it in place (specdec/attention.py). B, Q, C and
+not show are ignored (they must hold finite values), and (format 4) logit_positions [K] int64: the
+query positions whose logits to return (0 .. Q - 1 to score a tree; Q - 1 alone for a prefill, so
+the output projection is not run for positions nobody reads). Outputs: logits [B,K,V] (format 3 and
+older: [B,Q,V]), present.{i}.key / .value [B,H_kv,Q,D]: the KV of the Q new entries only, for the
+caller to write into its buffer, and (from format 3, unless exported without) features [B,Q,F]: the
+hidden states entering the decoder layers the manifest's `feature_layers` names, concatenated (F =
+their count x the hidden size), which an EAGLE-3 draft reads.
+The graph never copies the past: attention reads it in place (specdec/attention.py). B, Q, C, K and
 the mask's last axis are dynamic (the last is declared on its own: dims cannot be declared as sums).
 """
 
@@ -20,6 +22,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec import attention
+from specdec.backends.onnx_contract import LOGIT_POSITIONS
 from specdec.features import LayerInputs
 from specdec.hf_compat import check_architecture
 
@@ -42,7 +45,7 @@ class KVShape:
 def input_names(layers: int) -> list[str]:
     return ["input_ids", "position_ids", "attention_mask"] + [
         f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")
-    ]
+    ] + [LOGIT_POSITIONS]
 
 
 def output_names(layers: int, features: bool) -> list[str]:
@@ -65,11 +68,11 @@ class TreeMaskGraph(torch.nn.Module):
         self.layer_inputs = LayerInputs(model)
         self.layer_inputs.watch(feature_layers)
 
-    def forward(self, input_ids, position_ids, attention_mask, past):
+    def forward(self, input_ids, position_ids, attention_mask, past, logit_positions):
         cache = Cache(layers=[_NewEntries() for _ in range(self.layers)])
         out = self.model(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
-            **{self.cache_argument: cache},
+            logits_to_keep=logit_positions, **{self.cache_argument: cache},
             specdec_past=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
         )
         presents = []
@@ -108,14 +111,15 @@ def example_inputs(shape: KVShape, vocab: int, dtype: torch.dtype, batch=2, quer
     positions = torch.arange(past, past + query).repeat(batch, 1)
     mask = torch.ones(batch, 1, query, past + query, dtype=torch.bool)
     kv = [torch.randn(batch, shape.kv_heads, past, shape.head_dim, dtype=dtype) for _ in range(2 * shape.layers)]
-    return ids, positions, mask, kv
+    return ids, positions, mask, kv, torch.arange(1, query)  # K = Q - 1: K and Q stay separate dims
 
 
 def dynamic_shapes(layers: int) -> dict:
-    batch, query, capacity, total = (torch.export.Dim(n) for n in ("batch", "query", "capacity", "total"))
+    batch, query, capacity, total, kept = (torch.export.Dim(n) for n in ("batch", "query", "capacity", "total", "kept"))
     return {
         "input_ids": {0: batch, 1: query},
         "position_ids": {0: batch, 1: query},
         "attention_mask": {0: batch, 2: query, 3: total},
         "past": [{0: batch, 2: capacity} for _ in range(2 * layers)],
+        "logit_positions": {0: kept},
     }
