@@ -146,6 +146,23 @@ def test_a_prefill_returns_the_last_logits_alone_from_format_4(exports, format3,
         assert shapes == [prefill_logits, (1, 2, 96)]
 
 
+def test_compare_prefill_times_both_exports_in_turn(exports, format3, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_prefill.py"
+    spec = importlib.util.spec_from_file_location("compare_prefill", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    backends = {v: OnnxRuntimeBackend.load(str(f), OnnxRuntimeOptions()) for v, f in (("4", exports["llama"][1]), ("3", format3))}
+    order = []
+    prefill = OnnxRuntimeBackend.prefill
+    monkeypatch.setattr(OnnxRuntimeBackend, "prefill", lambda self, ids: (order.append(self.manifest["format_version"]), prefill(self, ids))[1])
+    seconds = script.prefill_seconds(backends, [PROMPT, PROMPT[:3]], repeats=2)
+    assert {k: len(v) for k, v in seconds.items()} == {"4": 2, "3": 2} and all(t > 0 for v in seconds.values() for t in v)
+    assert order == [4, 4, 3, 3] * 2  # every prompt, one export after the other, per repeat
+
+
 @pytest.mark.parametrize("version", [3, 2])
 def test_exports_of_older_formats_still_load_and_decode(format3, models, tmp_path, version):
     """Format 3 returns every position's logits; format 2 is format 3 without the features output
