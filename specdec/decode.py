@@ -133,16 +133,19 @@ def _step_stats(tree: DraftTree, verdict: Verdict, before, after, times) -> Step
 
 
 def _prefill(target, draft, strategy, prompt, warp, rng) -> int:
-    """Reset everything, fill both caches with the prompt, and choose the first new token."""
+    """Reset everything, fill the target's cache (and an EAGLE-3 head's) with the prompt, and
+    choose the first new token."""
     strategy.reset()
     ids = torch.tensor([prompt], dtype=torch.long)
     target.reset()
     logits = target.prefill(ids)[0]  # [V], on the target's device
     if draft is not None:
         draft.reset()
-        if draft.aux_layers is not None:
+        if draft.aux_layers is not None:  # an EAGLE-3 head reads the target's features of the prompt, here
             draft.take_features(0, target.features)
-        draft.prefill(ids)
+            draft.prefill(ids)
+        # a draft model catches up on the prompt when first asked to draft (TreeDrafter.start):
+        # a sequence whose steps never draft (auto in a full batch) never pays for it
     return int(logits.argmax()) if warp.greedy else rng.sample(warp_probs(logits, warp).cpu())
 
 

@@ -246,7 +246,8 @@ def test_planner_pays_as_in_its_docstring():
     """t_target: 1 node 30 ms, 2 nodes 32 ms; the draft start 4 ms: a node of estimate 0.6 joins
     (1.6 / 36 ms > 1 / 34 ms), one of 0.05 does not (1.05 / 36 ms < 1 / 34 ms)."""
     planner = Planner(CostModel(curve(0.030, 0.032), curve(0.004, 0.005)))
-    planner.begin(100, draft_queries=1)
+    planner.begin(100)
+    planner.draft_forward(1)
     assert planner.draft_seconds == pytest.approx(0.004)
     assert planner.pays(0.6) and not planner.pays(0.05)
     planner.add(0.6)
@@ -262,14 +263,16 @@ def test_planner_backs_off_doubling_up_to_the_cap():
         draft = planner.should_draft()
         drafted.append(draft)
         if draft:
-            planner.begin(10, 1)
+            planner.begin(10)
+            planner.draft_forward(1)
             planner.end()  # nothing paid
     steps = [i for i, d in enumerate(drafted) if d]
     gaps = [b - a - 1 for a, b in zip(steps, steps[1:])]
     assert gaps[:7] == [1, 2, 4, 8, 16, 32, 32] and set(gaps[5:]) == {MAX_BACKOFF}
     assert len(steps) == probes(200)
     planner.skip = 0
-    planner.begin(10, 1)
+    planner.begin(10)
+    planner.draft_forward(1)
     planner.add(0.5)
     planner.end()  # a node paid: draft every step again
     assert planner.backoff == 1 and planner.should_draft() and planner.should_draft()

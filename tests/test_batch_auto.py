@@ -83,6 +83,25 @@ def test_speculation_stops_when_the_batch_fills_and_returns_as_it_drains(label, 
     assert results[-1][1].accepted_tokens > 0  # its steps alone accepted draft tokens
 
 
+def test_rows_that_never_draft_never_run_the_draft_model(models, monkeypatch):
+    """In a batch too full for any node to pay, the draft model is never prefilled nor run: the
+    rows finish together, so none ever drafts alone."""
+    from specdec.backends.batched import BatchedPyTorch
+
+    target = models("llama", 0)
+    decoder = auto_decoder(target, target, "chain", CROWDED, monkeypatch)
+    plans = record_plans(monkeypatch)
+    calls = []  # (batched model, method): the target and the draft model both run as a BatchedPyTorch
+    for name in ("prefill_row", "forward_rows"):
+        original = getattr(BatchedPyTorch, name)
+        monkeypatch.setattr(BatchedPyTorch, name, lambda self, *a, _o=original, _n=name: (calls.append((self, _n)), _o(self, *a))[1])
+    outputs = decoder.generate_batch(PROMPTS[:3], batch_size=3, max_new_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in outputs] == [hf_greedy(target, p, 12) for p in PROMPTS[:3]]
+    assert plans and all(rows == 3 and nodes == 0 for rows, nodes in plans)
+    assert len({model for model, _ in calls}) == 1  # one batched model ran: the target; the draft's never did
+    assert [name for _, name in calls].count("prefill_row") == 3  # the three prompts
+
+
 def test_rows_plan_jointly_within_the_padded_tree(models, monkeypatch):
     """With free rows and nodes, every row drafts; the batch's padded size is the largest tree."""
     target = models("llama", 0)

@@ -31,6 +31,26 @@ def test_chain_greedy_matches_target_generate(arch, draft, models, drafts):
     assert len(set(expected)) > 10, "degenerate reference output makes the check weak"
 
 
+@pytest.mark.parametrize("strategy, options", [("chain", {"k": 3}), ("dyspec", {"max_nodes": 6}), ("gsd", {"max_nodes": 8})])
+def test_a_draft_model_is_prefilled_when_first_asked_to_draft(strategy, options, models, monkeypatch):
+    """The loop prefills the target alone; the first step's TreeDrafter.start prefills the draft
+    with the prompt (the context but the root), then feeds the root by itself."""
+    from specdec.backends.pytorch import PyTorchBackend
+
+    target, drafter = models("llama", 0), models("llama", 1)
+    decoder = make_decoder(target, drafter, strategy, **options)
+    calls = []  # (who, call, tokens)
+    prefill, forward, propose = PyTorchBackend.prefill, PyTorchBackend.forward, decoder.strategy.propose
+    monkeypatch.setattr(PyTorchBackend, "prefill", lambda self, ids: (calls.append((self, "prefill", ids.shape[1])), prefill(self, ids))[1])
+    monkeypatch.setattr(PyTorchBackend, "forward", lambda self, ids, *a: (calls.append((self, "forward", ids.shape[1])), forward(self, ids, *a))[1])
+    monkeypatch.setattr(decoder.strategy, "propose", lambda *a: (calls.append(("strategy", "propose", 0)), propose(*a))[1])
+    out = decoder.generate(PROMPT, max_new_tokens=40)
+    assert out.token_ids == hf_greedy(target, PROMPT, 40)
+    assert calls[:4] == [(decoder.target, "prefill", len(PROMPT)), ("strategy", "propose", 0),
+                         (decoder.draft, "prefill", len(PROMPT)), (decoder.draft, "forward", 1)]  # the prompt, then the root
+    assert [(who, call) for who, call, _ in calls].count((decoder.draft, "prefill")) == 1
+
+
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_adaptive_k_stays_lossless(adaptive, models):
     target, drafter = models("llama", 0), models("llama", 1)

@@ -2,7 +2,9 @@
 
 A strategy proposes a DraftTree rooted at the newest emitted token and may adapt after each
 verdict. The draft's cache may lag the emitted text by a few tokens (an accepted leaf that was
-never fed, the bonus token); `TreeDrafter.start` feeds them in the same forward as the root.
+never fed, the bonus token); `TreeDrafter.start` feeds them in the same forward as the root. A draft
+model starts empty (the loop prefills only the target): the first `start` prefills it with the
+context but the root.
 """
 
 from __future__ import annotations
@@ -115,6 +117,9 @@ class TreeDrafter:
         distribution [V] (see `distributions`)."""
         committed = self.draft.committed_len
         lag = self.ctx.tokens[committed:]
+        if committed == 0 and len(lag) > 1:  # a draft model's first step: prefill it with all but the root
+            self.draft.prefill(torch.tensor([lag[:-1]], dtype=torch.long))
+            committed, lag = len(lag) - 1, lag[-1:]
         ids = torch.tensor([lag], dtype=torch.long)
         positions = torch.arange(committed, committed + len(lag))[None]
         causal = torch.ones(len(lag), len(lag), dtype=torch.bool).tril_()[None]

@@ -92,13 +92,11 @@ class Planner:
             return False
         return True
 
-    def begin(self, context: int, draft_queries: int = 0) -> None:
-        """Start a step at cache length `context`; `draft_queries` entries fed to start drafting."""
+    def begin(self, context: int) -> None:
+        """Start a step at cache length `context` (`draft_forward` then counts its draft forwards)."""
         self.context, self.nodes, self.expected = context, 0, 1.0
         self.rounds: list[int] = []  # queries of each of this step's draft forwards
         self.spent = 0.0  # their seconds, each as one sequence's forward
-        if draft_queries:
-            self.draft_forward(draft_queries)
 
     def start(self, context: int, lag: int) -> bool:
         """Begin a step at cache length `context` with the draft `lag` entries behind -> whether
