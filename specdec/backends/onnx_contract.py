@@ -9,8 +9,8 @@ slots the mask hides are ignored, and from format 4 logit_positions [K]; outputs
 ([1, Q, V] before format 4), present.{i}.key/value [1, H_kv, Q, D] (the new entries only) and,
 from format 3, features [1, Q, F] unless exported without (the hidden states entering the
 manifest's `feature_layers`, for EAGLE-3 drafts). A prefill asks for the last position's logits
-only; a tree forward for all. The export layer uses
-backends, never the reverse: exports made on first use come from specdec.export.prepare.
+only; a tree forward for all. The export layer uses backends, never the reverse: exports made on
+first use come from specdec.export.prepare.
 """
 
 from __future__ import annotations
@@ -265,7 +265,8 @@ class OnnxContractBackend(TimedForwards, Backend):
         (K = `kept`, default Q), the presents [1, H_kv, Q, D], then features [1, Q, F] if the
         export has them."""
         empty = functools.partial(torch.empty, dtype=self.dtype, device=self.device)
-        outputs = [empty(1, query if kept is None else kept, self.vocab_size)] + [empty(1, t.shape[1], query, t.shape[3]) for t in self.kv]
+        outputs = [empty(1, query if kept is None else kept, self.vocab_size)]
+        outputs += [empty(1, t.shape[1], query, t.shape[3]) for t in self.kv]
         if self.manifest["feature_layers"]:
             outputs.append(empty(1, query, len(self.manifest["feature_layers"]) * self.manifest["hidden_size"]))
         return outputs
