@@ -4,6 +4,7 @@ import json
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,22 +116,27 @@ def test_a_manifest_from_an_incompatible_version(exports, tmp_path):
 
 @pytest.fixture(scope="module")
 def format3(exports, tmp_path_factory):
-    """An export of format 3, as specdec wrote it before logit_positions: every position's logits."""
-    from specdec.export import onnx as export_module
-    from specdec.export import onnx_graph
+    """An export of format 3, as specdec wrote it before logit_positions: the format-4 graph of the
+    tiny Llama with that input replaced by 0 .. Q - 1 (every position's logits), and its manifest."""
+    import onnx
+    from onnx import helper, numpy_helper
 
-    class Format3(onnx_graph.TreeMaskGraph):
-        def forward(self, input_ids, position_ids, attention_mask, past):
-            return super().forward(input_ids, position_ids, attention_mask, past, 0)  # 0: every position
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export_module, "TreeMaskGraph", Format3)
-        patch.setattr(export_module, "FORMAT_VERSION", 3)
-        patch.setattr(export_module, "input_names", lambda layers: onnx_graph.input_names(layers)[:-1])
-        patch.setattr(export_module, "example_inputs", lambda *a: onnx_graph.example_inputs(*a)[:-1])
-        patch.setattr(export_module, "dynamic_shapes", lambda layers: {k: v for k, v in onnx_graph.dynamic_shapes(layers).items()
-                                                                       if k != "logit_positions"})
-        return export_onnx(str(exports["llama"][0]), tmp_path_factory.mktemp("v3") / "onnx")
+    folder = tmp_path_factory.mktemp("v3") / "onnx"
+    shutil.copytree(exports["llama"][1], folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    graph = model.graph
+    graph.input.remove(next(i for i in graph.input if i.name == "logit_positions"))
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), name) for name, v in
+                             (("v3_zero", 0), ("v3_one", 1), ("v3_axis", [0])))
+    for node in reversed([helper.make_node("Shape", ["input_ids"], ["v3_query"], start=1, end=2),
+                          helper.make_node("Squeeze", ["v3_query", "v3_axis"], ["v3_q"]),
+                          helper.make_node("Range", ["v3_zero", "v3_q", "v3_one"], ["logit_positions"])]):
+        graph.node.insert(0, node)
+    onnx.save(model, str(folder / "model.onnx"))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["format_version"], manifest["inputs"] = 3, manifest["inputs"][:-1]
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return folder
 
 
 def test_a_prefill_returns_the_last_logits_alone_from_format_4(exports, format3, monkeypatch):
