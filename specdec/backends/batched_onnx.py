@@ -70,8 +70,9 @@ class BatchedOnnx(BatchedRows):
         mask = torch.zeros(count, 1, query, capacity + query, dtype=torch.bool)  # [k, 1, Q, C + Q]
         mask[:, 0, :, :width] = visible[:, :, :width]
         mask[:, 0, :, capacity:] = visible[:, :, width:]
-        outputs = self._outputs(count, query, self.backend.logit_count(query, last_only))
-        self.backend.execute(self.backend.graph_inputs(ids, positions, mask, [t[rows] for t in self.kv], last_only), outputs)
+        kept = self.backend.logit_count(query, last_only)
+        outputs = self._outputs(count, query, kept)
+        self.backend.execute(self.backend.graph_inputs(ids, positions, mask, [t[rows] for t in self.kv], kept), outputs)
         index = torch.arange(first, first + count, device=self.device)[:, None]  # [k, 1]
         slots = (torch.tensor(used)[:, None] + torch.arange(query)).to(self.device)  # [k, Q]
         for buffer, new in zip(self.kv, outputs[1 : 1 + len(self.kv)]):

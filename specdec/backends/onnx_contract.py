@@ -236,8 +236,9 @@ class OnnxContractBackend(TimedForwards, Backend):
         full[0, 0, :, : self._committed] = True
         full[0, 0, :, self._committed : used] = mask[0, :, : self._pending]
         full[0, 0, :, capacity:] = mask[0, :, self._pending :]
-        outputs = self.output_buffers(query, self.logit_count(query, last_only))
-        self.execute(self.graph_inputs(input_ids, position_ids, full, [t.contiguous() for t in past], last_only), outputs)
+        kept = self.logit_count(query, last_only)
+        outputs = self.output_buffers(query, kept)
+        self.execute(self.graph_inputs(input_ids, position_ids, full, [t.contiguous() for t in past], kept), outputs)
         for buffer, new in zip(self.kv, outputs[1 : 1 + len(self.kv)]):
             buffer[:, :, used : used + query] = new
         if self._feature_columns is not None:
@@ -245,15 +246,15 @@ class OnnxContractBackend(TimedForwards, Backend):
         self._pending += query
         return outputs[0].float()
 
-    def graph_inputs(self, ids, positions, mask, past: list[torch.Tensor], last_only: bool = False) -> list[torch.Tensor]:
+    def graph_inputs(self, ids, positions, mask, past: list[torch.Tensor], kept: int | None = None) -> list[torch.Tensor]:
         """The graph's inputs in the manifest's order, on the device: ids, positions [B, Q], the mask
         [B, 1, Q, C + Q], the past buffers, then (format 4) the positions [K] whose logits to return:
-        the last alone if `last_only`, else all (see `logit_count`)."""
+        the last `kept` (see `logit_count`; default all)."""
         query = ids.shape[1]
         inputs = [t.to(self.device, torch.long, non_blocking=True) for t in (ids, positions)]
         inputs += [mask.to(self.device, non_blocking=True)] + past
         if self.picks_logits:
-            inputs.append(torch.arange(query - self.logit_count(query, last_only), query, device=self.device))
+            inputs.append(torch.arange(query - (query if kept is None else kept), query, device=self.device))
         return inputs
 
     def logit_count(self, query: int, last_only: bool) -> int:

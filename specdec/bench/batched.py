@@ -70,8 +70,7 @@ def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
     rows = []
     for name, size in ((name, size) for name, _ in methods for size in batch_sizes):
         repeats, ar_repeats = runs[(name, size)], runs[("ar", size)]
-        median = _median(repeats, lambda r: r.tokens_per_second)
-        ar = _median(ar_repeats, lambda r: r.tokens_per_second)
+        median, ar = _median(repeats), _median(ar_repeats)
         total = merge_metrics(median.metrics)
         rows.append({
             "name": name, "batch_size": size, "tokens_per_second": median.tokens_per_second,
@@ -113,8 +112,9 @@ def _run(decoder, inputs: dict, batch_size: int, max_new: int) -> BatchRun:
     return BatchRun(tokens / seconds, decode, first_token, gaps, [o.token_ids for o in outputs], [o.metrics for o in outputs])
 
 
-def _median(repeats: list[BatchRun], key) -> BatchRun:
-    return sorted(repeats, key=key)[len(repeats) // 2]
+def _median(repeats: list[BatchRun]) -> BatchRun:
+    """The repeat of median throughput."""
+    return sorted(repeats, key=lambda r: r.tokens_per_second)[len(repeats) // 2]
 
 
 def paired_speedup(runs: list[BatchRun], ar_runs: list[BatchRun]) -> float:
