@@ -16,6 +16,8 @@ for) and the measured surface t(B, N) (specdec/strategies/budget.py).
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
@@ -91,13 +93,17 @@ class BatchLoop:
         """One draft-then-verify step of every running sequence -> the sequences that finished."""
         if not self.running:
             return []
-        load = Load(rows=len(self.running))
-        for sequence in self.running.values():
-            if sequence.strategy.planner is not None:
-                sequence.strategy.planner.load = load
+        planners = [s.strategy.planner for s in self.running.values() if s.strategy.planner is not None]
+        load = Load(rows=len(self.running), waiting=set(planners))
+        for planner in planners:
+            planner.load = load
         order = sorted(self.running)
-        trees = dict(zip(order, self.lockstep.run([self.running[row].propose for row in order])))
+        sequences = [self.running[row] for row in order]
+        context = statistics.fmean(sequence.target.committed_len for sequence in sequences)
+        start, forwarded = time.perf_counter(), self.target.clock.seconds
+        trees = dict(zip(order, self.lockstep.run([sequence.propose for sequence in sequences])))
         logits = self.target.forward_rows({row: self.running[row].target_inputs(tree) for row, tree in trees.items()})
+        forwarded = self.target.clock.seconds - forwarded
         finished = []
         for row, tree in trees.items():
             sequence = self.running[row]
@@ -105,6 +111,9 @@ class BatchLoop:
             if sequence.done:
                 finished.append(self.running.pop(row))
         self._compact()
+        if self.costs is not None:  # what the calibration does not hold: auto learns it as the batch runs
+            self.costs.observe_step(len(order), max(len(tree) for tree in trees.values()), context, forwarded,
+                                    time.perf_counter() - start, self.lockstep)
         return finished
 
     def cancel(self, sequence: Sequence) -> None:

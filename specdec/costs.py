@@ -14,8 +14,9 @@ import json
 import logging
 import platform
 import statistics
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ QUERIES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 ROW_QUERIES = (1, 2, 4, 8, 16, 32)  # t(B, Q): a batch's padded trees rarely need more
 CONTEXTS = (256, 1024)
 CURVE_VERSION = 1
+RECENT_STEPS = 15  # the recent steps a batch's learned costs are the median of (`Recent`)
 
 
 def time_forward(backend: Backend, query: int, context: int, repeats: int = 5, warmup: int = 1) -> float:
@@ -194,21 +196,55 @@ def _time_rows(batch, count: int, query: int, context: int, repeats: int, warmup
     return statistics.median(times)
 
 
+class Recent:
+    """The median of the last `size` values seen (`value`: `default` before any): robust to a
+    step slowed by something else, and following the machine as it changes."""
+
+    def __init__(self, default: float, size: int = RECENT_STEPS):
+        self.value, self.seen = default, deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self.seen.append(value)
+        self.value = statistics.median(self.seen)
+
+
 @dataclass
 class CostModel:
     """What a step costs: target forwards of n tree nodes, draft forwards of q new entries, and,
-    for batched decoding, target and draft forwards of B rows (`rows`, `draft_rows`)."""
+    for batched decoding, target and draft forwards of B rows (`rows`, `draft_rows`).
+
+    A batch's steps also teach it what the calibration does not hold (`observe_step`): `host`,
+    the host's work per row draft forward (proposing around the forwards: the strategy, the
+    distributions, the lockstep); `overhead`, the loop's own work per row and step (masks,
+    verification, commits); and `target_scale`, the ratio of the target's batched forwards' real
+    time to its surface, which follows the machine when it runs slower or faster than when it was
+    calibrated."""
 
     target: Curve
     draft: Curve | None
     rows: Surface | None = None
     draft_rows: Surface | None = None
+    host: Recent = field(default_factory=lambda: Recent(0.0), init=False, repr=False)
+    overhead: Recent = field(default_factory=lambda: Recent(0.0), init=False, repr=False)
+    target_scale: Recent = field(default_factory=lambda: Recent(1.0), init=False, repr=False)
+
+    def observe_step(self, rows: int, nodes: int, context: float, target_seconds: float, step_seconds: float,
+                     lockstep) -> None:
+        """Learn from one batched step of `rows` rows over about `context` cached entries each: its
+        target forward of up to `nodes` entries per row took `target_seconds`, of a step of
+        `step_seconds` whose proposals ran in `lockstep` (a specdec.lockstep.Lockstep after its
+        run)."""
+        if lockstep.row_forwards:
+            self.host.add(lockstep.host_seconds / lockstep.row_forwards)
+        self.overhead.add(max(0.0, step_seconds - lockstep.seconds - target_seconds) / rows)
+        if self.rows is not None:
+            self.target_scale.add(target_seconds / self.rows.at(rows, nodes, context))
 
     def target_seconds(self, nodes: int, context: int, rows: int | None = None) -> float:
         """One forward of `nodes` entries; with `rows`, a batched forward of that many rows of
         `nodes` entries each (the batch's trees are padded to the largest)."""
         if rows is not None and self.rows is not None:
-            return self.rows.at(rows, nodes, context)
+            return self.rows.at(rows, nodes, context) * self.target_scale.value
         return self.target.at(nodes, context)
 
     def draft_seconds(self, query: int, context: int, rows: int | None = None) -> float:

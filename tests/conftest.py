@@ -116,6 +116,13 @@ def repo_mirror(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def hermetic_cache(tmp_path_factory):
+    """What specdec builds on first use (exports, calibrations, GGUF conversions) goes to a scratch
+    cache of this test session, never the user's, nor another pytest-xdist worker's."""
+    os.environ["SPECDEC_CACHE_DIR"] = str(tmp_path_factory.mktemp("specdec-cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
 def hermetic_plugins():
     """No installed third-party plugin loads unless a test asks for it (tests that do unset or
     change SPECDEC_LOAD_PLUGINS and reload the plugins)."""

@@ -14,7 +14,7 @@ from specdec.errors import SpecdecError
 from specdec.plugins import get_strategy
 from specdec.sampling import Random, Warp
 from specdec.strategies.base import DraftContext
-from specdec.strategies.budget import DECAY, DEPTHS, MAX_BACKOFF, Planner
+from specdec.strategies.budget import DECAY, DEPTHS, MAX_BACKOFF, STEADY_LAG, Planner
 from specdec.testing import TableBackend, random_table, table_greedy
 from specdec.tree import DraftTree, Verdict, depths_from_parents, validate_tree
 
@@ -276,6 +276,32 @@ def test_planner_backs_off_doubling_up_to_the_cap():
     planner.add(0.5)
     planner.end()  # a node paid: draft every step again
     assert planner.backoff == 1 and planner.should_draft() and planner.should_draft()
+
+
+def test_a_step_probes_only_when_a_typical_first_node_would_pay():
+    """A sure first node would pay for the 20 ms start forward, one of the draft's recent top
+    probability (0.5) would not: the planner backs off without a forward, doubling, and probes
+    once the backoff is full, then every MAX_BACKOFF + 1 steps while nothing pays."""
+    planner = Planner(CostModel(curve(0.030, 0.031), curve(0.020, 0.020)))
+    probed = []
+    for step in range(100):
+        if planner.start(100, 1):
+            probed.append(step)
+            planner.end()  # the probe found nothing worth drafting
+    assert probed == [36, 36 + MAX_BACKOFF + 1]
+    for _ in range(20):
+        planner.opened(1.0)  # a confident draft: a typical first node pays now
+    planner.skip = 0
+    assert planner.start(100, 1)
+
+
+def test_the_start_forward_is_priced_as_a_steady_steps():
+    """After skipped steps the draft lags by many entries; that catch-up is paid once and serves
+    the steps after it, so a step prices its start forward as STEADY_LAG entries at most."""
+    costs = CostModel(curve(0.030, 0.031), curve(0.001, 0.002, 0.064, queries=(1, 2, 64)))
+    planner = Planner(costs)
+    assert planner.start(100, 1) and planner.draft_seconds == pytest.approx(0.001)
+    assert planner.start(100, 40) and planner.draft_seconds == pytest.approx(costs.draft_seconds(STEADY_LAG, 100))
 
 
 def test_planner_observe_moves_the_scales_toward_observed_acceptance():

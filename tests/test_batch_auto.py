@@ -5,6 +5,8 @@ node cap and context; greedy output is unchanged."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 import specdec.batch
@@ -12,7 +14,7 @@ import specdec.costs
 from helpers import hf_greedy
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.config import GenerationOptions
-from specdec.costs import CostModel, Surface, load_or_measure_surface, row_counts
+from specdec.costs import RECENT_STEPS, CostModel, Surface, load_or_measure_surface, row_counts
 from specdec.decode import Sequence
 from specdec.decoder import SpeculativeDecoder
 from specdec.plugins import get_strategy
@@ -41,6 +43,7 @@ def auto_decoder(target_model, draft_model, label: str, surface: Surface, monkey
     target, draft = PyTorchBackend(target_model), PyTorchBackend(draft_model)
     surfaces = {id(target): surface, id(draft): Surface([1], [ALONE.draft])}  # a batched draft forward: as one row's
     monkeypatch.setattr(specdec.batch, "load_or_measure_surface", lambda spec, backend, rows: surfaces[id(backend)])
+    monkeypatch.setattr(CostModel, "observe_step", lambda self, *args: None)  # all costs hand-made: nothing learned
     return SpeculativeDecoder(target, draft, strategy, GenerationOptions())
 
 
@@ -126,14 +129,20 @@ def test_the_planner_values_the_batch_not_the_row():
     assert not planner.pays(0.9)  # 8 rows: the node doubles the forward, for 0.9 of 8 tokens
     # a row planned after one that drafted 3 nodes: the forward is padded to 4 entries already, so
     # its own nodes up to 3 cost nothing more
-    planner.load = Load(rows=2, extra=1.5, nodes=3)
+    planner.load = first_row = Load(rows=2)
+    first = Planner(costs)
+    first.load = first_row
+    first.begin(100)
+    for _ in range(3):
+        first.add(0.5)
+    first.end()
     planner.begin(100)
     for _ in range(3):
         assert planner.pays(0.1)
         planner.add(0.1)
     assert not planner.pays(0.1)
     planner.end()
-    assert planner.load.nodes == 3 and planner.load.extra == pytest.approx(1.8)
+    assert first_row.begun == first_row.ended == {first, planner}
 
 
 def test_a_draft_round_another_row_pays_for_costs_a_row_only_its_share():
@@ -163,6 +172,92 @@ def test_a_draft_round_another_row_pays_for_costs_a_row_only_its_share():
     riding.draft_forward(1)
     riding.draft_forward(4)  # a third round is its own
     assert riding.draft_seconds == pytest.approx(2 * two + draft_rows.at(1, 4, 100))
+
+
+def test_rows_plan_a_shared_round_jointly():
+    """4 rows, t(4, 1) 12 ms, t(4, 2) 14 ms, a draft round 2 ms however many rows join it, a first
+    node of 0.5: the first row alone would lower the batch's rate (4.5 / 16 ms < 4 / 12 ms), all
+    four together raise it (6 / 16 ms), so each row drafts, counting the rows yet to decide as
+    doing the same; a row whose peers all back off plans alone and does not."""
+    rows = Surface([1, 4], [curve(0.010, 0.011), curve(0.012, 0.014)])
+    draft_rows = Surface([1, 4], [curve(0.002, 0.002), curve(0.002, 0.002)])
+    costs = CostModel(curve(0.010, 0.011), curve(0.002, 0.002), rows, draft_rows)
+    planners = [Planner(costs) for _ in range(4)]
+    load = Load(rows=4, waiting=set(planners))
+    for planner in planners:
+        planner.load = load
+    planners[0].begin(100)
+    assert planners[0].peers(feed=True) == (3, 3)  # the rows yet to begin join its first round
+    assert all(planner.start(100, 1) for planner in planners)
+    assert list(load.rounds[0].values()) == [1, 1, 1, 1] and load.waiting == set()
+    assert planners[-1].peers(feed=False) == (3, 0)  # the first nodes, after the round
+    planners[0].add(0.5)
+    assert planners[1].peers(feed=False) == (2, 0)  # the first row has a larger tree now
+    for planner in planners[1:]:
+        planner.add(0.5)
+        planner.end()
+    assert planners[0].peers(feed=True) == (0, 0)  # alone now: it decides exactly
+
+    lonely = [Planner(costs) for _ in range(4)]
+    load = Load(rows=4, waiting=set(lonely))
+    for planner in lonely:
+        planner.load = load
+    for planner in lonely[1:]:
+        planner._back_off()
+    lonely[0].begin(100)
+    assert lonely[0].peers(feed=True) == (0, 0) and not lonely[0].start(100, 1)
+
+
+def test_what_the_calibration_does_not_hold_is_learned_from_the_steps_and_priced():
+    """A batch's steps teach the cost model the host's work per row draft forward, the loop's own
+    work per row, and how far the target's forwards run from its surface: medians of the recent
+    steps, which a planner adds to its rates."""
+    surface = Surface([1, 8], [curve(0.010, 0.010), curve(0.020, 0.020)])
+    draft_rows = Surface([1, 8], [curve(0.001, 0.001), curve(0.002, 0.002)])
+    costs = CostModel(curve(0.010, 0.010), curve(0.001, 0.001), surface, draft_rows)
+
+    def step(rows=2, target=0.010, host=0.006, forwards=3, draft=0.001):
+        """One step: its proposals spent `host` seconds besides `draft` in draft model calls
+        (`forwards` row forwards), the loop 2 ms per row besides the proposals and the target."""
+        lockstep = SimpleNamespace(seconds=host + draft, host_seconds=host, row_forwards=forwards)
+        costs.observe_step(rows, 1, 100, target, host + draft + target + 0.002 * rows, lockstep)
+
+    step(rows=2, target=1.5 * surface.at(2, 1, 100))
+    assert costs.host.value == pytest.approx(0.002) and costs.overhead.value == pytest.approx(0.002)
+    assert costs.target_scale.value == pytest.approx(1.5)
+    step(forwards=0)  # no draft forward: no host work learned
+    assert costs.host.value == pytest.approx(0.002)
+    for _ in range(RECENT_STEPS):
+        step(rows=8, target=0.010, host=0.0009, forwards=8)
+    assert costs.host.value == pytest.approx(0.0009 / 8)  # only the last RECENT_STEPS count
+    assert costs.target_scale.value == pytest.approx(0.5)  # the forwards ran at half the surface
+    step(rows=8, target=0.400, host=0.6, forwards=8)  # one step slowed by something else
+    assert costs.host.value == pytest.approx(0.0009 / 8) and costs.target_scale.value == pytest.approx(0.5)
+    assert costs.target_seconds(1, 100, rows=8) == pytest.approx(0.010)
+
+    planner = Planner(costs)
+    planner.begin(100)
+    planner.draft_forward(1)
+    assert planner.draft_seconds == pytest.approx(0.001 + 0.0009 / 8)
+    planner.load = Load(rows=8)
+    planner.begin(100)
+    planner.draft_forward(1)
+    assert planner.draft_seconds == pytest.approx(draft_rows.at(1, 1, 100) + 0.0009 / 8)
+    assert planner._rate(0, 1.0, 0.0) == pytest.approx(8 / (0.010 + 8 * 0.002))
+
+
+def test_a_batch_learns_from_its_own_steps(models, monkeypatch):
+    target = models("llama", 0)
+    learn = CostModel.observe_step
+    decoder = auto_decoder(target, target, "chain", ROOMY, monkeypatch)
+    monkeypatch.setattr(CostModel, "observe_step", learn)  # hand-made forward costs, learned host work
+    loop = specdec.batch.BatchLoop(decoder, 2)
+    for prompt in PROMPTS[:2]:
+        loop.join(decoder.prepare(prompt, None, {"max_new_tokens": 8}))
+    loop.step()
+    assert loop.lockstep.row_forwards >= 2 and 0.0 < loop.lockstep.host_seconds < loop.lockstep.seconds
+    costs = loop.costs
+    assert costs.host.value > 0.0 and costs.overhead.value > 0.0 and costs.target_scale.value != 1.0
 
 
 @pytest.mark.parametrize("label", ["dyspec", "hybrid", "chain"])

@@ -56,14 +56,14 @@ def test_forwards_of_a_round_run_as_one_call_in_task_order():
     assert results == [[("a", (0,)), ("a", (1,))], [], [("c", (0,)), ("c", (1,)), ("c", (2,))]]
     assert Echo.calls == [["a", "c"], ["a", "c"], ["c"]]  # one call per round, of the tasks still asking
     assert log == ["a asks 0", "b done", "c asks 0", "a asks 1", "c asks 1", "a done", "c asks 2", "c done"]
-    # the workers are reused by the next step, with the same order
+    # the next step runs the same way
     log.clear()
     Echo.calls = []
     assert step.run([drafting("x", 1, log), drafting("y", 1, log)]) == [[("x", (0,))], [("y", (0,))]]
     assert Echo.calls == [["x", "y"]] and log == ["x asks 0", "y asks 0", "x done", "y done"]
 
 
-def test_a_lone_task_runs_on_the_calling_thread_and_forwards_directly():
+def test_a_lone_task_is_called_and_forwards_directly():
     seen = []
 
     def task():
@@ -100,7 +100,7 @@ def test_an_interrupted_step_leaves_the_lockstep_usable(monkeypatch):
     log: list[str] = []
     step = Lockstep()
 
-    def interrupted(paused, cancel):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
@@ -108,6 +108,19 @@ def test_an_interrupted_step_leaves_the_lockstep_usable(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             step.run([drafting("a", 2, log), drafting("b", 2, log)])
     assert step.run([drafting("x", 1, log), drafting("y", 2, log)]) == [[("x", (0,))], [("y", (0,)), ("y", (1,))]]
+
+
+def test_every_task_runs_on_the_calling_thread():
+    """Threads that ran torch ops keep CPU thread teams of their own: no step may leave any behind."""
+    seen = []
+
+    def task():
+        seen.append(threading.current_thread())
+        return lockstep.forward(Echo("t"), (0,))
+
+    before = threading.active_count()
+    assert Lockstep().run([task, task, task]) == [("t", (0,))] * 3
+    assert seen == [threading.current_thread()] * 3 and threading.active_count() == before
 
 
 def test_outside_a_task_a_forward_is_a_joint_call_of_one():

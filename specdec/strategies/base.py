@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from specdec import lockstep
 from specdec.backends.base import Backend
 from specdec.costs import CostModel
 from specdec.errors import SpecdecError
@@ -118,7 +119,7 @@ class TreeDrafter:
         committed = self.draft.committed_len
         lag = self.ctx.tokens[committed:]
         if committed == 0 and len(lag) > 1:  # a draft model's first step: prefill it with all but the root
-            self.draft.prefill(torch.tensor([lag[:-1]], dtype=torch.long))
+            lockstep.model_call(self.draft.prefill, torch.tensor([lag[:-1]], dtype=torch.long))
             committed, lag = len(lag) - 1, lag[-1:]
         ids = torch.tensor([lag], dtype=torch.long)
         positions = torch.arange(committed, committed + len(lag))[None]

@@ -17,13 +17,29 @@ tok/s: the node joins.
 
 In a batch (specdec/batch.py) the rate is the whole batch's: B rows step in one target forward of
 t(B, N) seconds (the measured surface; N the largest row's tree, as trees are padded), every row
-emits at least one token, and the rows planned earlier in the step (`Load`) have added their
-expected tokens and nodes. The rows' i-th draft forwards run as one call (specdec/lockstep.py), so
-the step's draft time is, per round, one batched draft forward of the rows in it (the draft's own
-measured surface; an EAGLE-3 head's single forward): a row joining a round that runs anyway adds
-only what one more row costs. A row's node joins only when it raises the batch's tokens per
-second, so speculation shrinks as B grows and t(B, N) steepens, stops where no node pays, and
-returns as the batch drains.
+emits at least one token, and the rows that have begun the step (`Load`) count their trees so far.
+The rows' i-th draft forwards run as one call (specdec/lockstep.py), so the step's draft time is,
+per round, one batched draft forward of the rows in it (the draft's own measured surface; an
+EAGLE-3 head's single forward): a row joining a round that runs anyway adds only what one more row
+costs. A row's node joins only when it raises the batch's tokens per second, so speculation
+shrinks as B grows and t(B, N) steepens, stops where no node pays, and returns as the batch
+drains.
+
+The rows plan jointly. Rows plan one after another (in lockstep, each up to its next draft
+forward), so a row deciding a node assumes that its peers, the rows still planning with trees no
+larger (and, in its first round, the rows yet to begin the step), add the same node and feed the
+same round. Without this the first row would price a round's whole draft forward against its own
+node alone, and no row would start drafting where all of them together gain.
+
+Example (4 rows, t(4, 1) 12 ms, t(4, 2) 14 ms, a draft round of 4 rows 2 ms, a first node of
+0.7): the first row alone, 4.7 / 16 ms = 294 tok/s, below plain decoding's 4 / 12 ms = 333; with
+its 3 peers, 6.8 / 16 ms = 425 tok/s: it drafts, and so do the others.
+
+The start forward is priced at the entries a drafting sequence feeds each step (at most
+`STEADY_LAG`: an unfed leaf and the root); the catch-up of a longer lag after skipped steps, or
+the first prefill, is paid once and serves the steps after it. A step starts drafting when a first
+node of the draft's recent top probability would pay; otherwise it backs off, and probes once the
+backoff is full if a sure first node could pay.
 """
 
 from __future__ import annotations
@@ -52,19 +68,22 @@ DECAY = 0.95  # weight of the past in the acceptance scales, per step
 DEPTHS = 8  # depths beyond this share one scale
 PRIOR = {"draft": (1.0, 1.0), "lookup": (0.5, 1.0)}  # (observed, predicted) before any step
 MAX_BACKOFF = 32
+STEADY_LAG = 2  # entries a drafting sequence's start feeds each step: an unfed accepted leaf and the root
 
 
 @dataclass
 class Load:
-    """One batched step so far: `rows` sequences share the target forward; the rows planned so
-    far add `extra` expected tokens (beyond one each) and trees of up to `nodes` + 1 entries;
+    """One batched step so far: `rows` sequences share the target forward. The planners of the
+    rows that have `begun` the step hold their trees so far (`nodes`, `expected`), those in
+    `ended` are done proposing (or drafted nothing), those `waiting` have not begun it;
     `rounds[i]` holds the draft queries of each row (by planner) in the step's i-th draft round,
     whose forwards run as one call."""
 
     rows: int
-    extra: float = 0.0
-    nodes: int = 0
     rounds: list[dict[Planner, int]] = field(default_factory=list)
+    waiting: set[Planner] = field(default_factory=set)
+    begun: set[Planner] = field(default_factory=set)
+    ended: set[Planner] = field(default_factory=set)
 
 
 class Planner:
@@ -85,31 +104,54 @@ class Planner:
     def should_draft(self) -> bool:
         """False while backing off after a step that found nothing worth drafting, unless the
         batch has shrunk since (fewer rows: nodes may pay again)."""
-        if self.load is not None and self.load.rows < self.backoff_rows:
+        if self._shrunk():
             self.skip, self.backoff = 0, 1
         if self.skip > 0:
             self.skip -= 1
             return False
         return True
 
+    @property
+    def may_draft(self) -> bool:
+        """Whether `should_draft` would let this step draft (asked of a row yet to begin)."""
+        return self.skip == 0 or self._shrunk()
+
+    def _shrunk(self) -> bool:
+        return self.load is not None and self.load.rows < self.backoff_rows
+
     def begin(self, context: int) -> None:
         """Start a step at cache length `context` (`draft_forward` then counts its draft forwards)."""
         self.context, self.nodes, self.expected = context, 0, 1.0
         self.rounds: list[int] = []  # queries of each of this step's draft forwards
         self.spent = 0.0  # their seconds, each as one sequence's forward
+        if self.load is not None:
+            self.load.waiting.discard(self)
+            self.load.begun.add(self)
 
     def start(self, context: int, lag: int) -> bool:
         """Begin a step at cache length `context` with the draft `lag` entries behind -> whether
-        to draft: not while backing off, nor when even a first node of draft probability 1
-        (calibrated at depth 1) could not pay for one draft forward, so that no forward is spent
-        on a probe that cannot pay (in a full batch, the usual case). Otherwise the start forward
-        shows the draft's real confidence, and the nodes decide. Drafting counts the start
-        forward of the `lag` entries."""
+        to draft: when a first node of the draft's recent top probability (calibrated at depth 1)
+        would pay for the start forward. Otherwise back off (skip a doubling number of steps)
+        without a forward; once the backoff is full, probe if a sure first node (draft probability
+        1) could pay, so that no forward is spent on a probe that cannot pay (in a full batch, the
+        usual case). The start forward shows the draft's real confidence, and the nodes decide. It
+        is counted as `STEADY_LAG` entries at most."""
         self.begin(context)
-        if not self.should_draft() or not self.pays(self.conditional("draft", 1, 1.0), feed_queries=1):
-            return False
-        self.draft_forward(lag)
+        if not self.should_draft():
+            return self._decline()
+        feed = min(lag, STEADY_LAG)
+        if not self.pays(self.prospect(1.0, 0), feed_queries=feed):
+            if self.backoff < MAX_BACKOFF or not self.pays(self.conditional("draft", 1, 1.0), feed_queries=feed):
+                self._back_off()
+                return self._decline()
+        self.draft_forward(feed)
         return True
+
+    def _decline(self) -> bool:
+        """This step drafts nothing: no peer of the rows still planning -> False."""
+        if self.load is not None:
+            self.load.ended.add(self)
+        return False
 
     @property
     def draft_seconds(self) -> float:
@@ -117,42 +159,67 @@ class Planner:
 
     def draft_forward(self, queries: int) -> None:
         self.rounds.append(queries)
-        self.spent += self.costs.draft_seconds(queries, self.context)
+        self.spent += self.costs.draft_seconds(queries, self.context) + self.costs.host.value
         if self.load is not None:  # this row joins the batch's round
             if len(self.rounds) > len(self.load.rounds):
                 self.load.rounds.append({})
             self.load.rounds[len(self.rounds) - 1][self] = queries
 
-    def _draft_seconds(self, feed: int = 0, own: bool = True) -> float:
+    def _draft_seconds(self, feed: int = 0, own: bool = True, peers: int = 0) -> float:
         """The step's draft seconds with this sequence's draft forwards so far (none if not
-        `own`) and one more of `feed` queries (if any): alone, their sum; in a batch, per round
-        one forward of the rows in it, padded to the largest query."""
+        `own`) and one more of `feed` queries (if any), which `peers` more rows join: alone,
+        their sum; in a batch, per round one forward of the rows in it, padded to the largest
+        query. Each row's forward adds the host's work around it (`CostModel.host`)."""
         if self.load is None:  # the common path: constant time
-            return (self.spent if own else 0.0) + (self.costs.draft_seconds(feed, self.context) if feed else 0.0)
-        rounds = (self.rounds + [feed] if feed else self.rounds) if own else []
+            return (self.spent if own else 0.0) + (self.costs.draft_seconds(feed, self.context) + self.costs.host.value if feed else 0.0)
+        mine = (self.rounds + [feed] if feed else self.rounds) if own else []
         seconds = 0.0
-        for i in range(max(len(rounds), len(self.load.rounds))):
+        for i in range(max(len(mine), len(self.load.rounds))):
             queries = [q for row, q in self.load.rounds[i].items() if row is not self] if i < len(self.load.rounds) else []
-            queries += rounds[i : i + 1]
+            queries += mine[i : i + 1]
+            if feed and own and i == len(self.rounds):
+                queries += [feed] * peers
             if queries:
-                seconds += self.costs.draft_seconds(max(queries), self.context, rows=len(queries))
+                seconds += self.costs.draft_seconds(max(queries), self.context, rows=len(queries)) + self.costs.host.value * len(queries)
         return seconds
 
-    def _rate(self, nodes: int, expected: float, draft_seconds: float) -> float:
+    def _rate(self, nodes: int, expected: float, draft_seconds: float, gained: float = 0.0) -> float:
         """Expected tokens per second of the step (of the whole batch, in a batch) if this
-        sequence drafts `nodes` nodes expected to yield `expected` tokens, the step's draft
-        taking `draft_seconds`."""
-        load = self.load or Load(rows=1)
-        rows = self.load.rows if self.load else None
-        target = self.costs.target_seconds(max(nodes, load.nodes) + 1, self.context, rows)
-        return (load.rows - 1 + load.extra + expected) / (draft_seconds + target)
+        sequence drafts `nodes` nodes expected to yield `expected` tokens, its peers gain
+        `gained` tokens with trees no larger, and the step's draft takes `draft_seconds`."""
+        if self.load is None:
+            return expected / (draft_seconds + self.costs.target_seconds(nodes + 1, self.context))
+        others = [planner for planner in self.load.begun if planner is not self]
+        padded = max([nodes] + [planner.nodes for planner in others])  # the batch's trees are padded to the largest
+        tokens = self.load.rows - 1 - len(others) + sum(planner.expected for planner in others) + expected + gained
+        target = self.costs.target_seconds(padded + 1, self.context, self.load.rows)
+        return tokens / (draft_seconds + target + self.costs.overhead.value * self.load.rows)
+
+    def peers(self, feed: bool) -> tuple[int, int]:
+        """-> (rows assumed to add the same node as this one, how many of them join the draft
+        round that feeds it, if it needs one): the rows still planning with trees no larger, and
+        in its first round the rows yet to begin the step that are not backing off."""
+        load = self.load
+        if load is None:
+            return 0, 0
+        stage = len(self.rounds)
+        fed = load.rounds[stage] if stage < len(load.rounds) else {}
+        planning = [p for p in load.begun if p is not self and p not in load.ended and p.nodes <= self.nodes]
+        count, feeding = len(planning), sum(p not in fed for p in planning)
+        if stage == 0:
+            waiting = sum(p.may_draft for p in load.waiting)
+            count, feeding = count + waiting, feeding + waiting
+        return count, feeding if feed else 0
 
     def pays(self, estimate: float, feed_queries: int = 0) -> bool:
         """Whether one more node of this estimate (after a draft forward of `feed_queries`
-        entries, when its parent must be fed first) raises the step's expected rate above both
-        the rate so far and plain decoding's (no draft forward at all), so a draft that costs
-        more than it saves is given up."""
-        grown = self._rate(self.nodes + 1, self.expected + estimate, self._draft_seconds(feed_queries))
+        entries, when its parent must be fed first), added by this sequence and by its peers,
+        raises the step's expected rate above both the rate so far and plain decoding's (no
+        draft forward of this sequence at all), so a draft that costs more than it saves is
+        given up."""
+        count, feeding = self.peers(feed_queries > 0)
+        drafted = self._draft_seconds(feed_queries, peers=feeding)
+        grown = self._rate(self.nodes + 1, self.expected + estimate, drafted, count * estimate)
         so_far = self._rate(self.nodes, self.expected, self._draft_seconds())
         return grown > max(so_far, self._rate(0, 1.0, self._draft_seconds(own=False)))
 
@@ -174,16 +241,19 @@ class Planner:
         return estimate * self.conditional("draft", depth + 1, self.top_prob)
 
     def end(self) -> None:
-        """After proposing: add this tree to the batch's step; back off when nothing paid, else
-        draft every step."""
+        """After proposing: this tree is final for the batch's step; back off when nothing paid,
+        else draft every step."""
         if self.load is not None:
-            self.load.extra += self.expected - 1.0
-            self.load.nodes = max(self.load.nodes, self.nodes)
+            self.load.ended.add(self)
         if self.nodes == 0:
-            self.skip, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
-            self.backoff_rows = self.load.rows if self.load is not None else 1
+            self._back_off()
         else:
             self.backoff = 1
+
+    def _back_off(self) -> None:
+        """Skip drafting for the next `backoff` steps; double the backoff, up to the cap."""
+        self.skip, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
+        self.backoff_rows = self.load.rows if self.load is not None else 1
 
     # -- after verification --------------------------------------------------------------------
     def observe(self, tree: DraftTree, verdict: Verdict, raw: list[float], source: list[str]) -> None:
