@@ -224,9 +224,9 @@ class CostModel:
     draft: Curve | None
     rows: Surface | None = None
     draft_rows: Surface | None = None
-    host: Recent = field(default_factory=lambda: Recent(0.0), init=False, repr=False)
-    overhead: Recent = field(default_factory=lambda: Recent(0.0), init=False, repr=False)
-    target_scale: Recent = field(default_factory=lambda: Recent(1.0), init=False, repr=False)
+    host: Recent = field(default_factory=lambda: Recent(0.0), init=False, repr=False, compare=False)
+    overhead: Recent = field(default_factory=lambda: Recent(0.0), init=False, repr=False, compare=False)
+    target_scale: Recent = field(default_factory=lambda: Recent(1.0), init=False, repr=False, compare=False)
 
     def observe_step(self, rows: int, nodes: int, context: float, target_seconds: float, step_seconds: float,
                      lockstep) -> None:
