@@ -183,17 +183,23 @@ class Planner:
                 seconds += self.costs.draft_seconds(max(queries), self.context, rows=len(queries)) + self.costs.host.value * len(queries)
         return seconds
 
-    def _rate(self, nodes: int, expected: float, draft_seconds: float, gained: float = 0.0) -> float:
+    def _rate(self, nodes: int, expected: float, draft_seconds: float, gained: float = 0.0,
+              others: tuple[float, int] | None = None) -> float:
         """Expected tokens per second of the step (of the whole batch, in a batch) if this
         sequence drafts `nodes` nodes expected to yield `expected` tokens, its peers gain
-        `gained` tokens with trees no larger, and the step's draft takes `draft_seconds`."""
+        `gained` tokens with trees no larger, and the step's draft takes `draft_seconds`
+        (`others`: `_others()`, when the caller has it already)."""
         if self.load is None:
             return expected / (draft_seconds + self.costs.target_seconds(nodes + 1, self.context))
+        tokens, largest = others or self._others()
+        target = self.costs.target_seconds(max(nodes, largest) + 1, self.context, self.load.rows)  # trees padded to the largest
+        return (tokens + expected + gained) / (draft_seconds + target + self.costs.overhead.value * self.load.rows)
+
+    def _others(self) -> tuple[float, int]:
+        """In a batch: (the tokens the other rows are expected to emit, their largest tree so far)."""
         others = [planner for planner in self.load.begun if planner is not self]
-        padded = max([nodes] + [planner.nodes for planner in others])  # the batch's trees are padded to the largest
-        tokens = self.load.rows - 1 - len(others) + sum(planner.expected for planner in others) + expected + gained
-        target = self.costs.target_seconds(padded + 1, self.context, self.load.rows)
-        return tokens / (draft_seconds + target + self.costs.overhead.value * self.load.rows)
+        tokens = self.load.rows - 1 - len(others) + sum(planner.expected for planner in others)
+        return tokens, max((planner.nodes for planner in others), default=0)
 
     def peers(self, feed: bool) -> tuple[int, int]:
         """-> (rows assumed to add the same node as this one, how many of them join the draft
@@ -218,10 +224,11 @@ class Planner:
         draft forward of this sequence at all), so a draft that costs more than it saves is
         given up."""
         count, feeding = self.peers(feed_queries > 0)
+        others = self._others() if self.load is not None else None
         drafted = self._draft_seconds(feed_queries, peers=feeding)
-        grown = self._rate(self.nodes + 1, self.expected + estimate, drafted, count * estimate)
-        so_far = self._rate(self.nodes, self.expected, self._draft_seconds())
-        return grown > max(so_far, self._rate(0, 1.0, self._draft_seconds(own=False)))
+        grown = self._rate(self.nodes + 1, self.expected + estimate, drafted, count * estimate, others)
+        so_far = self._rate(self.nodes, self.expected, self._draft_seconds(), others=others)
+        return grown > max(so_far, self._rate(0, 1.0, self._draft_seconds(own=False), others=others))
 
     def add(self, estimate: float) -> None:
         self.nodes += 1
