@@ -281,6 +281,24 @@ def test_onnxruntime_rows_keep_their_own_cache(llama_export, models):
         assert torch.allclose(logits[b], want, atol=1e-4)
 
 
+def test_an_onnxruntime_prefill_reads_only_its_own_rows_entries(llama_export, models, monkeypatch):
+    # a row joining after another row grew the buffers attends over its own entries (one masked
+    # sentinel slot when it has none), not over the whole capacity; its logits stay exact
+    from specdec.batch import batched_backend
+
+    target = onnx_target(llama_export)
+    batch = batched_backend(target, 2)
+    batch.rows[0].prefill(torch.tensor([list(range(3, 40))]))  # grows the capacity to a CAPACITY_STEP
+    widths = []
+    execute = target.execute
+    monkeypatch.setattr(target, "execute", lambda inputs, outputs: widths.append(inputs[3].shape[2]) or execute(inputs, outputs))
+    prompt = [5, 6, 7, 8, 9, 10]
+    logits = batch.rows[1].prefill(torch.tensor([prompt]))
+    assert batch.kv[0].shape[2] >= 256 and widths == [1, 4]  # two chunks of 4: past of 1 (sentinel), then 4
+    want = PyTorchBackend(models("llama", 0)).model(torch.tensor([prompt])).logits[0, -1]
+    assert torch.allclose(logits[0], want, atol=1e-4)
+
+
 # -- exact sampling on batched rows -----------------------------------------------------------------
 
 SAMPLED = {"chain": ("chain", {"k": 2}), "static_tree": ("static_tree", {"branching": [2, 1]}),

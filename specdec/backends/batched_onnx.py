@@ -56,23 +56,30 @@ class BatchedOnnx(BatchedRows):
             visible[0, :, used:] = torch.ones(length, length, dtype=torch.bool).tril_()
             self._reserve(used + length)
             logits, chunk_features = self._execute(index, chunk, torch.arange(used, used + length)[None], [used], visible,
-                                                   last_only=True)
+                                                   last_only=True, past_slots=max(used, 1))
             if chunk_features is not None:
                 features.append(chunk_features[0])
         return logits[:, -1], torch.cat(features) if features else None
 
-    def _execute(self, first: int, ids, positions, used: list[int], visible, last_only: bool = False):
+    def _execute(self, first: int, ids, positions, used: list[int], visible, last_only: bool = False,
+                 past_slots: int | None = None):
         """One graph run over rows first .. first + k - 1 (see `BatchedRows._call`); logits of the
-        last position alone if `last_only` (where the export can skip the others)."""
+        last position alone if `last_only` (where the export can skip the others). The graph reads
+        `past_slots` slots of the buffers (default all: a view, not a copy); a prefill reads only
+        its row's entries (a copy of them, or one masked sentinel slot when there are none), so it
+        does not attend over slots the other rows grew."""
         count, query = ids.shape
         rows = slice(first, first + count)
-        width, capacity = max(used), self.kv[0].shape[2]
+        past = [t[rows] for t in self.kv]  # [k, H_kv, C, D] views
+        if past_slots is not None:
+            past = [t[:, :, :past_slots].contiguous() for t in past]
+        width, capacity = max(used), past[0].shape[2]
         mask = torch.zeros(count, 1, query, capacity + query, dtype=torch.bool)  # [k, 1, Q, C + Q]
         mask[:, 0, :, :width] = visible[:, :, :width]
         mask[:, 0, :, capacity:] = visible[:, :, width:]
         kept = self.backend.logit_count(query, last_only)
         outputs = self._outputs(count, query, kept)
-        self.backend.execute(self.backend.graph_inputs(ids, positions, mask, [t[rows] for t in self.kv], kept), outputs)
+        self.backend.execute(self.backend.graph_inputs(ids, positions, mask, past, kept), outputs)
         index = torch.arange(first, first + count, device=self.device)[:, None]  # [k, 1]
         slots = (torch.tensor(used)[:, None] + torch.arange(query)).to(self.device)  # [k, Q]
         for buffer, new in zip(self.kv, outputs[1 : 1 + len(self.kv)]):
