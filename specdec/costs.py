@@ -123,14 +123,28 @@ def measure_curve(
     time_forward(backend, queries[0], contexts[0], repeats=1, warmup=2)  # first forwards set up thread pools
     seconds = []
     for context in contexts:
-        row = []
-        for query in queries:
-            if progress is not None:
-                progress(f"t({query}) over {context} entries")
-            row.append(time_forward(backend, query, context, repeats))
-        seconds.append(monotone(row))
+        say = (lambda done: progress(f"t(Q) over {context} entries, pass {done} of {repeats}")) if progress else None
+        seconds.append(monotone(interleaved(queries, lambda query: time_forward(backend, query, context, 1, 0), repeats, say)))
     backend.reset()
     return Curve(list(queries), list(contexts), seconds)
+
+
+def interleaved(points: Sequence, time_once: Callable[[object], float], repeats: int,
+                progress: Callable[[int], None] | None = None) -> list[float]:
+    """The median seconds of `time_once` at each point, over `repeats` passes through all the points
+    after one untimed pass (the warmup). A machine that slows for a while then slows every point
+    alike, so the ratios between points, which the planner decides by, hold; timing each point's
+    repeats back to back would put a slow patch into some points only. `progress(pass)` is told
+    before each timed pass."""
+    for point in points:
+        time_once(point)
+    times: list[list[float]] = [[] for _ in points]
+    for done in range(repeats):
+        if progress is not None:
+            progress(done + 1)
+        for point, seen in zip(points, times):
+            seen.append(time_once(point))
+    return [statistics.median(seen) for seen in times]
 
 
 def monotone(row: list[float]) -> list[float]:
@@ -161,14 +175,15 @@ def measure_surface(backend, max_rows: int, queries: Sequence[int] = ROW_QUERIES
     counts = row_counts(max_rows)
     seconds = {count: [] for count in counts}  # per count: one row of t(Q) per context
     generator = torch.Generator().manual_seed(0)
+    points = [(count, query) for count in counts for query in queries]
     for context in contexts:
         for row in batch.rows:
             row.reset()
             row.prefill(torch.randint(0, backend.vocab_size, (1, context), generator=generator))
+        say = (lambda done: progress(f"t(B rows x Q) over {context} entries, pass {done} of {repeats}")) if progress else None
+        measured = dict(zip(points, interleaved(points, lambda point: _time_rows(batch, *point, context), repeats, say)))
         for count in counts:
-            if progress is not None:
-                progress(f"t({count} rows x Q) over {context} entries")
-            seconds[count].append(monotone([_time_rows(batch, count, query, context, repeats) for query in queries]))
+            seconds[count].append(monotone([measured[count, query] for query in queries]))
     for c in range(len(contexts)):  # more rows never cost less either
         for q in range(len(queries)):
             column = monotone([seconds[count][c][q] for count in counts])
@@ -179,21 +194,16 @@ def measure_surface(backend, max_rows: int, queries: Sequence[int] = ROW_QUERIES
     return Surface(counts, [Curve(list(queries), list(contexts), seconds[count]) for count in counts])
 
 
-def _time_rows(batch, count: int, query: int, context: int, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of one forward of `count` rows of `query` chain entries each."""
+def _time_rows(batch, count: int, query: int, context: int) -> float:
+    """Seconds of one forward of `count` rows of `query` chain entries each (rolled back)."""
     ids = torch.randint(0, batch.rows[0].vocab_size, (1, query))
     positions = torch.arange(context, context + query)[None]
     mask = torch.ones(query, query, dtype=torch.bool).tril_()[None]
-    times = []
-    for i in range(warmup + repeats):
-        start = batch.clock.seconds
-        batch.forward_rows({b: (ids, positions, mask) for b in range(count)})
-        elapsed = batch.clock.seconds - start
-        for row in batch.rows[:count]:
-            row.rollback()
-        if i >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
+    start = batch.clock.seconds
+    batch.forward_rows({b: (ids, positions, mask) for b in range(count)})
+    for row in batch.rows[:count]:
+        row.rollback()
+    return batch.clock.seconds - start
 
 
 class Recent:

@@ -9,7 +9,7 @@ import specdec.costs
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.config import load_config
 from specdec.costs import (
-    CostModel, Curve, calibrated_costs, curve_path, load_or_measure, measure_curve, monotone, time_forward,
+    CostModel, Curve, calibrated_costs, curve_path, interleaved, load_or_measure, measure_curve, monotone, time_forward,
 )
 from specdec.testing import TableBackend, random_table
 
@@ -87,7 +87,21 @@ def test_measure_curve_times_every_point_and_resets_the_backend(models):
     assert len(curve.seconds) == 2 and all(len(row) == 2 and all(t > 0.0 for t in row) for row in curve.seconds)
     assert all(row == sorted(row) for row in curve.seconds)  # made monotone
     assert backend.committed_len == 0 and backend.pending_len == 0
-    assert messages == ["t(1) over 8 entries", "t(4) over 8 entries", "t(1) over 16 entries", "t(4) over 16 entries"]
+    assert messages == ["t(Q) over 8 entries, pass 1 of 1", "t(Q) over 16 entries, pass 1 of 1"]
+
+
+def test_interleaved_timing_keeps_a_slow_patch_out_of_the_ratios():
+    # point p costs p seconds; the machine runs 3x slower for the first 4 timed calls (after the
+    # untimed pass). Back to back, 4 of point 1's 5 repeats would be slow and its median 3.
+    calls, passes = [], []
+
+    def time_once(point):
+        calls.append(point)
+        timed = len(calls) - 1 - 2  # after the warmup pass over 2 points
+        return point * (3.0 if 0 <= timed < 4 else 1.0)
+
+    assert interleaved([1, 2], time_once, 5, passes.append) == [1.0, 2.0]
+    assert calls == [1, 2] * 6 and passes == [1, 2, 3, 4, 5]
 
 
 def test_measure_curve_keeps_to_the_context_limit(models):
