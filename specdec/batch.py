@@ -93,13 +93,13 @@ class BatchLoop:
         """One draft-then-verify step of every running sequence -> the sequences that finished."""
         if not self.running:
             return []
-        planners = [s.strategy.planner for s in self.running.values() if s.strategy.planner is not None]
-        load = Load(rows=len(self.running), waiting=set(planners))
-        for planner in planners:
-            planner.load = load
         order = sorted(self.running)
         sequences = [self.running[row] for row in order]
         context = statistics.fmean(sequence.target.committed_len for sequence in sequences)
+        planners = [s.strategy.planner for s in sequences if s.strategy.planner is not None]
+        load = Load(rows=len(sequences), context=context, waiting=set(planners))
+        for planner in planners:
+            planner.load = load
         start, forwarded = time.perf_counter(), self.target.clock.seconds
         trees = dict(zip(order, self.lockstep.run([sequence.propose for sequence in sequences])))
         logits = self.target.forward_rows({row: self.running[row].target_inputs(tree) for row, tree in trees.items()})

@@ -14,7 +14,7 @@ import specdec.costs
 from helpers import hf_greedy
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.config import GenerationOptions
-from specdec.costs import RECENT_STEPS, CostModel, Surface, load_or_measure_surface, row_counts
+from specdec.costs import RECENT_STEPS, CostModel, Curve, Surface, load_or_measure_surface, row_counts
 from specdec.decode import Sequence
 from specdec.decoder import SpeculativeDecoder
 from specdec.plugins import get_strategy
@@ -145,6 +145,26 @@ def test_the_planner_values_the_batch_not_the_row():
     assert first_row.begun == first_row.ended == {first, planner}
 
 
+def test_a_step_costs_its_forwards_at_the_batchs_context_and_looks_each_size_up_once(monkeypatch):
+    # t(B, Q) doubles from 100 to 300 cached entries; rows of 100 and 300 entries plan at their
+    # mean, 200, and the step asks the cost model for each (model, Q, B) once however often it plans
+    by_context = Curve([1, 2], [100, 300], [[0.010, 0.012], [0.020, 0.024]])
+    costs = CostModel(by_context, by_context, Surface([1, 2], [by_context, by_context]), Surface([1, 2], [by_context, by_context]))
+    asked = []
+    lookup = CostModel.target_seconds
+    monkeypatch.setattr(CostModel, "target_seconds", lambda self, *a, **k: asked.append(a) or lookup(self, *a, **k))
+    load = Load(rows=2, context=200.0)
+    planners = [Planner(costs), Planner(costs)]
+    for planner, context in zip(planners, (100, 300)):
+        planner.load = load
+        planner.begin(context)
+    plain = planners[0]._rate(0, 1.0, 0.0)
+    assert plain == planners[1]._rate(0, 1.0, 0.0) == pytest.approx(2 / 0.015)
+    for planner in planners:
+        planner.pays(0.5, feed_queries=1)
+    assert sorted(set(asked)) == sorted(asked) == [(1, 200.0), (2, 200.0)]  # t(2, 1) and t(2, 2), once each
+
+
 def test_a_draft_round_another_row_pays_for_costs_a_row_only_its_share():
     """The rows' i-th draft forwards run as one call: a round costs one batched draft forward of
     the rows in it (the draft's surface), so joining a round another row runs costs little."""
@@ -206,6 +226,34 @@ def test_rows_plan_a_shared_round_jointly():
         planner._back_off()
     lonely[0].begin(100)
     assert lonely[0].peers(feed=True) == (0, 0) and not lonely[0].start(100, 1)
+
+
+def test_a_row_backing_off_rides_a_step_that_other_rows_draft():
+    """The costs of the test above, a first node of 0.9: two rows drafting pay (5.8 / 16 ms >
+    4 / 12 ms). Rows 2 and 3 are backing off; since rows 0 and 1 draft, the step's forward is
+    padded anyway, so they weigh a node again and draft too, and drafting ends their backoff. When
+    no row before them drafts, they keep backing off."""
+    rows = Surface([1, 4], [curve(0.010, 0.011), curve(0.012, 0.014)])
+    draft_rows = Surface([1, 4], [curve(0.002, 0.002), curve(0.002, 0.002)])
+    costs = CostModel(curve(0.010, 0.011), curve(0.002, 0.002), rows, draft_rows)
+
+    def step(backing_off: list[int]) -> list[bool]:
+        planners = [Planner(costs) for _ in range(4)]
+        load = Load(rows=4, waiting=set(planners))
+        for i, planner in enumerate(planners):
+            planner.load, planner.top_prob = load, 0.9
+            if i in backing_off:
+                planner._back_off()
+        drafts = [planner.start(100, 1) for planner in planners]
+        for planner, drafting in zip(planners, drafts):
+            if drafting:
+                planner.add(0.9)
+                planner.end()
+                assert planner.skip == 0 and planner.backoff == 1
+        return drafts
+
+    assert step(backing_off=[2, 3]) == [True, True, True, True]
+    assert step(backing_off=[0, 1, 2, 3]) == [False, False, False, False]
 
 
 def test_what_the_calibration_does_not_hold_is_learned_from_the_steps_and_priced():

@@ -39,7 +39,8 @@ The start forward is priced at the entries a drafting sequence feeds each step (
 `STEADY_LAG`: an unfed leaf and the root); the catch-up of a longer lag after skipped steps, or
 the first prefill, is paid once and serves the steps after it. A step starts drafting when a first
 node of the draft's recent top probability would pay; otherwise it backs off, and probes once the
-backoff is full if a sure first node could pay.
+backoff is full if a sure first node could pay. In a batch, a row backing off still weighs a first
+node when a row that began the step before it drafts (`_riding`): the forward is padded anyway.
 """
 
 from __future__ import annotations
@@ -73,17 +74,20 @@ STEADY_LAG = 2  # entries a drafting sequence's start feeds each step: an unfed 
 
 @dataclass
 class Load:
-    """One batched step so far: `rows` sequences share the target forward. The planners of the
+    """One batched step so far: `rows` sequences share the target forward, their caches about
+    `context` entries long (the mean: the batch's forwards are costed there). The planners of the
     rows that have `begun` the step hold their trees so far (`nodes`, `expected`), those in
     `ended` are done proposing (or drafted nothing), those `waiting` have not begun it;
     `rounds[i]` holds the draft queries of each row (by planner) in the step's i-th draft round,
-    whose forwards run as one call."""
+    whose forwards run as one call. `seconds` keeps the step's cost lookups (`Planner._batched`)."""
 
     rows: int
+    context: float = 0.0
     rounds: list[dict[Planner, int]] = field(default_factory=list)
     waiting: set[Planner] = field(default_factory=set)
     begun: set[Planner] = field(default_factory=set)
     ended: set[Planner] = field(default_factory=set)
+    seconds: dict[tuple[str, int, int], float] = field(default_factory=dict)
 
 
 class Planner:
@@ -137,7 +141,7 @@ class Planner:
         usual case). The start forward shows the draft's real confidence, and the nodes decide. It
         is counted as `STEADY_LAG` entries at most."""
         self.begin(context)
-        if not self.should_draft():
+        if not self.should_draft() and not self._riding():
             return self._decline()
         feed = min(lag, STEADY_LAG)
         if not self.pays(self.prospect(1.0, 0), feed_queries=feed):
@@ -146,6 +150,12 @@ class Planner:
                 return self._decline()
         self.draft_forward(feed)
         return True
+
+    def _riding(self) -> bool:
+        """In a batch, whether a row that began this step before this one is drafting: its tree
+        pads the step's forward anyway, so a row backing off weighs a node again rather than pay
+        that padding for nothing."""
+        return self.load is not None and any(p.rounds for p in self.load.begun if p is not self and p not in self.load.ended)
 
     def _decline(self) -> bool:
         """This step drafts nothing: no peer of the rows still planning -> False."""
@@ -180,8 +190,18 @@ class Planner:
             if feed and own and i == len(self.rounds):
                 queries += [feed] * peers
             if queries:
-                seconds += self.costs.draft_seconds(max(queries), self.context, rows=len(queries)) + self.costs.host.value * len(queries)
+                seconds += self._batched("draft", max(queries), len(queries)) + self.costs.host.value * len(queries)
         return seconds
+
+    def _batched(self, model: str, queries: int, rows: int) -> float:
+        """Seconds of one batched forward of the target or the draft (`model`) of `rows` rows of
+        `queries` entries, at the batch's context; looked up once per step (planning a step asks
+        for the same few sizes many times)."""
+        key = (model, queries, rows)
+        if key not in self.load.seconds:
+            lookup = self.costs.target_seconds if model == "target" else self.costs.draft_seconds
+            self.load.seconds[key] = lookup(queries, self.load.context, rows=rows)
+        return self.load.seconds[key]
 
     def _rate(self, nodes: int, expected: float, draft_seconds: float, gained: float = 0.0,
               others: tuple[float, int] | None = None) -> float:
@@ -192,7 +212,7 @@ class Planner:
         if self.load is None:
             return expected / (draft_seconds + self.costs.target_seconds(nodes + 1, self.context))
         tokens, largest = others or self._others()
-        target = self.costs.target_seconds(max(nodes, largest) + 1, self.context, self.load.rows)  # trees padded to the largest
+        target = self._batched("target", max(nodes, largest) + 1, self.load.rows)  # trees padded to the largest
         return (tokens + expected + gained) / (draft_seconds + target + self.costs.overhead.value * self.load.rows)
 
     def _others(self) -> tuple[float, int]:
@@ -255,7 +275,7 @@ class Planner:
         if self.nodes == 0:
             self._back_off()
         else:
-            self.backoff = 1
+            self.skip, self.backoff = 0, 1
 
     def _back_off(self) -> None:
         """Skip drafting for the next `backoff` steps; double the backoff, up to the cap."""
