@@ -295,6 +295,19 @@ def test_a_step_probes_only_when_a_typical_first_node_would_pay():
     assert planner.start(100, 1)
 
 
+def test_a_probe_must_pay_for_catching_the_draft_up():
+    """At full backoff a probe spends a start forward over the draft's whole lag; a sure node pays
+    for a lag of 2 (2 ms) but not for a lag of 64 (64 ms against a 30 ms step), so the row does
+    not probe then, and once the lag is short it does."""
+    costs = CostModel(curve(0.030, 0.031), curve(0.001, 0.002, 0.064, queries=(1, 2, 64)))
+    planner = Planner(costs)
+    planner.top_prob = 0.01  # a typical first node never pays: only probes draft
+    planner.backoff = MAX_BACKOFF
+    assert not planner.start(100, 64)
+    planner.skip = 0
+    assert planner.start(100, 2)
+
+
 def test_the_start_forward_is_priced_as_a_steady_steps():
     """After skipped steps the draft lags by many entries; that catch-up is paid once and serves
     the steps after it, so a step prices its start forward as STEADY_LAG entries at most."""

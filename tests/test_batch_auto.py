@@ -228,34 +228,6 @@ def test_rows_plan_a_shared_round_jointly():
     assert lonely[0].peers(feed=True) == (0, 0) and not lonely[0].start(100, 1)
 
 
-def test_a_row_backing_off_rides_a_step_that_other_rows_draft():
-    """The costs of the test above, a first node of 0.9: two rows drafting pay (5.8 / 16 ms >
-    4 / 12 ms). Rows 2 and 3 are backing off; since rows 0 and 1 draft, the step's forward is
-    padded anyway, so they weigh a node again and draft too, and drafting ends their backoff. When
-    no row before them drafts, they keep backing off."""
-    rows = Surface([1, 4], [curve(0.010, 0.011), curve(0.012, 0.014)])
-    draft_rows = Surface([1, 4], [curve(0.002, 0.002), curve(0.002, 0.002)])
-    costs = CostModel(curve(0.010, 0.011), curve(0.002, 0.002), rows, draft_rows)
-
-    def step(backing_off: list[int]) -> list[bool]:
-        planners = [Planner(costs) for _ in range(4)]
-        load = Load(rows=4, waiting=set(planners))
-        for i, planner in enumerate(planners):
-            planner.load, planner.top_prob = load, 0.9
-            if i in backing_off:
-                planner._back_off()
-        drafts = [planner.start(100, 1) for planner in planners]
-        for planner, drafting in zip(planners, drafts):
-            if drafting:
-                planner.add(0.9)
-                planner.end()
-                assert planner.skip == 0 and planner.backoff == 1
-        return drafts
-
-    assert step(backing_off=[2, 3]) == [True, True, True, True]
-    assert step(backing_off=[0, 1, 2, 3]) == [False, False, False, False]
-
-
 def test_what_the_calibration_does_not_hold_is_learned_from_the_steps_and_priced():
     """A batch's steps teach the cost model the host's work per row draft forward, the loop's own
     work per row, and how far the target's forwards run from its surface: medians of the recent

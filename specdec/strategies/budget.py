@@ -39,8 +39,8 @@ The start forward is priced at the entries a drafting sequence feeds each step (
 `STEADY_LAG`: an unfed leaf and the root); the catch-up of a longer lag after skipped steps, or
 the first prefill, is paid once and serves the steps after it. A step starts drafting when a first
 node of the draft's recent top probability would pay; otherwise it backs off, and probes once the
-backoff is full if a sure first node could pay. In a batch, a row backing off still weighs a first
-node when a row that began the step before it drafts (`_riding`): the forward is padded anyway.
+backoff is full if a sure first node could pay for catching the draft up over the whole lag: a
+probe that finds nothing has paid that catch-up for nothing.
 """
 
 from __future__ import annotations
@@ -137,25 +137,21 @@ class Planner:
         to draft: when a first node of the draft's recent top probability (calibrated at depth 1)
         would pay for the start forward. Otherwise back off (skip a doubling number of steps)
         without a forward; once the backoff is full, probe if a sure first node (draft probability
-        1) could pay, so that no forward is spent on a probe that cannot pay (in a full batch, the
-        usual case). The start forward shows the draft's real confidence, and the nodes decide. It
-        is counted as `STEADY_LAG` entries at most."""
+        1) could pay for a start forward over the whole lag (after skipped steps, or the draft's
+        first prefill), so that no forward is spent on a probe that cannot pay (in a full batch,
+        the usual case). The start forward shows the draft's real confidence, and the nodes
+        decide. A start that drafts is counted as `STEADY_LAG` entries at most: its catch-up
+        serves the steps after it."""
         self.begin(context)
-        if not self.should_draft() and not self._riding():
+        if not self.should_draft():
             return self._decline()
         feed = min(lag, STEADY_LAG)
         if not self.pays(self.prospect(1.0, 0), feed_queries=feed):
-            if self.backoff < MAX_BACKOFF or not self.pays(self.conditional("draft", 1, 1.0), feed_queries=feed):
+            if self.backoff < MAX_BACKOFF or not self.pays(self.conditional("draft", 1, 1.0), feed_queries=lag):
                 self._back_off()
                 return self._decline()
         self.draft_forward(feed)
         return True
-
-    def _riding(self) -> bool:
-        """In a batch, whether a row that began this step before this one is drafting: its tree
-        pads the step's forward anyway, so a row backing off weighs a node again rather than pay
-        that padding for nothing."""
-        return self.load is not None and any(p.rounds for p in self.load.begun if p is not self and p not in self.load.ended)
 
     def _decline(self) -> bool:
         """This step drafts nothing: no peer of the rows still planning -> False."""
@@ -275,7 +271,7 @@ class Planner:
         if self.nodes == 0:
             self._back_off()
         else:
-            self.skip, self.backoff = 0, 1
+            self.backoff = 1
 
     def _back_off(self) -> None:
         """Skip drafting for the next `backoff` steps; double the backoff, up to the cap."""
