@@ -101,7 +101,9 @@ class BatchLoop:
         for planner in planners:
             planner.load = load
         start, forwarded = time.perf_counter(), self.target.clock.seconds
+        drafted = self.draft_rows.clock.seconds if self.draft_rows is not None else 0.0
         trees = dict(zip(order, self.lockstep.run([sequence.propose for sequence in sequences])))
+        drafted = self.draft_rows.clock.seconds - drafted if self.draft_rows is not None else 0.0
         logits = self.target.forward_rows({row: self.running[row].target_inputs(tree) for row, tree in trees.items()})
         forwarded = self.target.clock.seconds - forwarded
         finished = []
@@ -112,8 +114,9 @@ class BatchLoop:
                 finished.append(self.running.pop(row))
         self._compact()
         if self.costs is not None:  # what the calibration does not hold: auto learns it as the batch runs
+            rounds = [(len(queries), max(queries.values())) for queries in load.rounds if queries]  # as planned
             self.costs.observe_step(len(order), max(len(tree) for tree in trees.values()), context, forwarded,
-                                    time.perf_counter() - start, self.lockstep)
+                                    time.perf_counter() - start, self.lockstep, drafted, rounds)
         return finished
 
     def cancel(self, sequence: Sequence) -> None:

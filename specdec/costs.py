@@ -226,9 +226,11 @@ class CostModel:
     A batch's steps also teach it what the calibration does not hold (`observe_step`): `host`,
     the host's work per row draft forward (proposing around the forwards: the strategy, the
     distributions, the lockstep); `overhead`, the loop's own work per row and step (masks,
-    verification, commits); and `target_scale`, the ratio of the target's batched forwards' real
+    verification, commits); `target_scale`, the ratio of the target's batched forwards' real
     time to its surface, which follows the machine when it runs slower or faster than when it was
-    calibrated."""
+    calibrated; and `draft_scale`, the same for the draft model's batched forwards, which also
+    takes in what the planner prices as a steady step's feed but runs longer (a row catching its
+    draft up pads the whole round to its lag)."""
 
     target: Curve
     draft: Curve | None
@@ -237,18 +239,22 @@ class CostModel:
     host: Recent = field(default_factory=lambda: Recent(0.0), init=False, repr=False, compare=False)
     overhead: Recent = field(default_factory=lambda: Recent(0.0), init=False, repr=False, compare=False)
     target_scale: Recent = field(default_factory=lambda: Recent(1.0), init=False, repr=False, compare=False)
+    draft_scale: Recent = field(default_factory=lambda: Recent(1.0), init=False, repr=False, compare=False)
 
     def observe_step(self, rows: int, nodes: int, context: float, target_seconds: float, step_seconds: float,
-                     lockstep) -> None:
+                     lockstep, draft_seconds: float = 0.0, draft_rounds: Sequence[tuple[int, int]] = ()) -> None:
         """Learn from one batched step of `rows` rows over about `context` cached entries each: its
         target forward of up to `nodes` entries per row took `target_seconds`, of a step of
         `step_seconds` whose proposals ran in `lockstep` (a specdec.lockstep.Lockstep after its
-        run)."""
+        run); the draft model's batched forwards took `draft_seconds` for rounds the planners
+        priced as (rows, queries) each (`draft_rounds`)."""
         if lockstep.row_forwards:
             self.host.add(lockstep.host_seconds / lockstep.row_forwards)
         self.overhead.add(max(0.0, step_seconds - lockstep.seconds - target_seconds) / rows)
         if self.rows is not None:
             self.target_scale.add(target_seconds / self.rows.at(rows, nodes, context))
+        if draft_rounds and self.draft_rows is not None:
+            self.draft_scale.add(draft_seconds / sum(self.draft_rows.at(count, queries, context) for count, queries in draft_rounds))
 
     def target_seconds(self, nodes: int, context: int, rows: int | None = None) -> float:
         """One forward of `nodes` entries; with `rows`, a batched forward of that many rows of
@@ -261,7 +267,7 @@ class CostModel:
         """One draft forward of `query` entries; with `rows`, a batched one of that many rows
         (without a measured draft surface, as one row's)."""
         if rows is not None and self.draft_rows is not None:
-            return self.draft_rows.at(rows, query, context)
+            return self.draft_rows.at(rows, query, context) * self.draft_scale.value
         return 0.0 if self.draft is None else self.draft.at(query, context)
 
 

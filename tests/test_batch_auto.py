@@ -43,7 +43,7 @@ def auto_decoder(target_model, draft_model, label: str, surface: Surface, monkey
     target, draft = PyTorchBackend(target_model), PyTorchBackend(draft_model)
     surfaces = {id(target): surface, id(draft): Surface([1], [ALONE.draft])}  # a batched draft forward: as one row's
     monkeypatch.setattr(specdec.batch, "load_or_measure_surface", lambda spec, backend, rows: surfaces[id(backend)])
-    monkeypatch.setattr(CostModel, "observe_step", lambda self, *args: None)  # all costs hand-made: nothing learned
+    monkeypatch.setattr(CostModel, "observe_step", lambda self, *args, **kwargs: None)  # all costs hand-made: nothing learned
     return SpeculativeDecoder(target, draft, strategy, GenerationOptions())
 
 
@@ -266,6 +266,21 @@ def test_what_the_calibration_does_not_hold_is_learned_from_the_steps_and_priced
     assert planner._rate(0, 1.0, 0.0) == pytest.approx(8 / (0.010 + 8 * 0.002))
 
 
+def test_the_draft_models_real_round_time_is_learned_against_its_surface():
+    """Rounds priced as 2 rows of 2 queries ran three times as long (a row catching up pads the
+    round to its lag): the draft's batched forwards are then costed at 3x their surface."""
+    draft_rows = Surface([1, 8], [curve(0.001, 0.002), curve(0.002, 0.004)])
+    costs = CostModel(curve(0.010, 0.010), curve(0.001, 0.002), ROOMY, draft_rows)
+    lockstep = SimpleNamespace(seconds=0.0, host_seconds=0.0, row_forwards=0)
+    planned = draft_rows.at(2, 2, 100)
+    costs.observe_step(2, 1, 100, 0.010, 0.012, lockstep, 3 * 2 * planned, [(2, 2), (2, 2)])
+    assert costs.draft_scale.value == pytest.approx(3.0)
+    assert costs.draft_seconds(2, 100, rows=2) == pytest.approx(3 * planned)
+    assert costs.draft_seconds(2, 100) == pytest.approx(0.002)  # one sequence alone: the calibration as it is
+    costs.observe_step(2, 1, 100, 0.010, 0.012, lockstep, 0.5)  # no planned round: nothing learned
+    assert costs.draft_scale.value == pytest.approx(3.0)
+
+
 def test_a_batch_learns_from_its_own_steps(models, monkeypatch):
     target = models("llama", 0)
     learn = CostModel.observe_step
@@ -278,6 +293,7 @@ def test_a_batch_learns_from_its_own_steps(models, monkeypatch):
     assert loop.lockstep.row_forwards >= 2 and 0.0 < loop.lockstep.host_seconds < loop.lockstep.seconds
     costs = loop.costs
     assert costs.host.value > 0.0 and costs.overhead.value > 0.0 and costs.target_scale.value != 1.0
+    assert costs.draft_scale.value != 1.0  # the draft model's rounds, timed against its surface
 
 
 @pytest.mark.parametrize("label", ["dyspec", "hybrid", "chain"])
