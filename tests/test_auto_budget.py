@@ -14,7 +14,7 @@ from specdec.errors import SpecdecError
 from specdec.plugins import get_strategy
 from specdec.sampling import Random, Warp
 from specdec.strategies.base import DraftContext
-from specdec.strategies.budget import DECAY, DEPTHS, MAX_BACKOFF, STEADY_LAG, Planner
+from specdec.strategies.budget import DECAY, DEPTHS, MAX_BACKOFF, STEADY_LAG, Load, Planner
 from specdec.testing import TableBackend, random_table, table_greedy
 from specdec.tree import DraftTree, Verdict, depths_from_parents, validate_tree
 
@@ -278,33 +278,53 @@ def test_planner_backs_off_doubling_up_to_the_cap():
     assert planner.backoff == 1 and planner.should_draft() and planner.should_draft()
 
 
-def test_a_step_probes_only_when_a_typical_first_node_would_pay():
-    """A sure first node would pay for the 20 ms start forward, one of the draft's recent top
-    probability (0.5) would not: the planner backs off without a forward, doubling, and probes
-    once the backoff is full, then every MAX_BACKOFF + 1 steps while nothing pays."""
-    planner = Planner(CostModel(curve(0.030, 0.031), curve(0.020, 0.020)))
-    probed = []
-    for step in range(100):
+def _starts(planner: Planner, steps: int, rows: int | None) -> list[int]:
+    """The steps at which `planner` starts its draft (alone, or in a batch of `rows` whose other
+    rows draft nothing), each start finding nothing worth drafting."""
+    started = []
+    for step in range(steps):
+        planner.load = None if rows is None else Load(rows=rows, context=100)
         if planner.start(100, 1):
-            probed.append(step)
-            planner.end()  # the probe found nothing worth drafting
-    assert probed == [36, 36 + MAX_BACKOFF + 1]
+            started.append(step)
+            planner.end()
+    return started
+
+
+def test_a_row_of_a_batch_probes_only_when_a_typical_first_node_would_pay():
+    """In a batch of 2, a sure first node would pay for the 10 ms start forward, one of the
+    draft's recent top probability (0.5) would not (2.5 tokens in 41 ms against plain decoding's
+    2 in 30): the row backs off without a forward, doubling, and probes once the backoff is full,
+    then every MAX_BACKOFF + 1 steps while nothing pays."""
+    planner = Planner(CostModel(curve(0.030, 0.031), curve(0.010, 0.010)))
+    assert _starts(planner, 100, rows=2) == [36, 36 + MAX_BACKOFF + 1]
     for _ in range(20):
         planner.opened(1.0)  # a confident draft: a typical first node pays now
     planner.skip = 0
     assert planner.start(100, 1)
 
 
+def test_a_sequence_alone_starts_whenever_a_sure_first_node_would_pay():
+    """Alone (or as a batch's last row) the start forward is the sequence's own and its real
+    probabilities decide: with a 20 ms start forward that a sure first node pays for and one of
+    the recent top probability (0.5) does not, it still starts, backing off after each start
+    that found nothing (gaps 1, 2, 4, ...)."""
+    costs = CostModel(curve(0.030, 0.031), curve(0.020, 0.020))
+    for rows in (None, 1):
+        assert _starts(Planner(costs), 40, rows)[:6] == [0, 2, 5, 10, 19, 36]
+
+
 def test_a_probe_must_pay_for_catching_the_draft_up():
-    """At full backoff a probe spends a start forward over the draft's whole lag; a sure node pays
-    for a lag of 2 (2 ms) but not for a lag of 64 (64 ms against a 30 ms step), so the row does
-    not probe then, and once the lag is short it does."""
+    """At full backoff a probe spends a start forward over the draft's whole lag; in a batch of 2,
+    a sure node pays for a lag of 2 (2 ms) but not for a lag of 64 (64 ms against a 30 ms step),
+    so the row does not probe then, and once the lag is short it does."""
     costs = CostModel(curve(0.030, 0.031), curve(0.001, 0.002, 0.064, queries=(1, 2, 64)))
     planner = Planner(costs)
     planner.top_prob = 0.01  # a typical first node never pays: only probes draft
     planner.backoff = MAX_BACKOFF
+    planner.load = Load(rows=2, context=100)
     assert not planner.start(100, 64)
     planner.skip = 0
+    planner.load = Load(rows=2, context=100)
     assert planner.start(100, 2)
 
 
