@@ -101,6 +101,7 @@ class BatchLoop:
         for planner in planners:
             planner.load = load
         start, forwarded = time.perf_counter(), self.target.clock.seconds
+        emitted = sum(len(sequence.generated) for sequence in sequences)
         drafted = self.draft_rows.clock.seconds if self.draft_rows is not None else 0.0
         trees = dict(zip(order, self.lockstep.run([sequence.propose for sequence in sequences])))
         drafted = self.draft_rows.clock.seconds - drafted if self.draft_rows is not None else 0.0
@@ -113,9 +114,11 @@ class BatchLoop:
             if sequence.done:
                 finished.append(self.running.pop(row))
         self._compact()
+        nodes = max(len(tree) for tree in trees.values()) - 1
+        load.settle(sum(len(sequence.generated) for sequence in sequences) - emitted, time.perf_counter() - start, nodes)
         if self.costs is not None:  # what the calibration does not hold: auto learns it as the batch runs
             rounds = [(len(queries), max(queries.values())) for queries in load.rounds if queries]  # as planned
-            self.costs.observe_step(len(order), max(len(tree) for tree in trees.values()), context, forwarded,
+            self.costs.observe_step(len(order), nodes + 1, context, forwarded,
                                     time.perf_counter() - start, self.lockstep, drafted, rounds)
         return finished
 

@@ -240,6 +240,8 @@ class CostModel:
     overhead: Recent = field(default_factory=lambda: Recent(0.0), init=False, repr=False, compare=False)
     target_scale: Recent = field(default_factory=lambda: Recent(1.0), init=False, repr=False, compare=False)
     draft_scale: Recent = field(default_factory=lambda: Recent(1.0), init=False, repr=False, compare=False)
+    plain: dict[int, Recent] = field(default_factory=dict, init=False, repr=False, compare=False)
+    payoff: dict[int, Recent] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def observe_step(self, rows: int, nodes: int, context: float, target_seconds: float, step_seconds: float,
                      lockstep, draft_seconds: float = 0.0, draft_rounds: Sequence[tuple[int, int]] = ()) -> None:

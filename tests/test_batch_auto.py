@@ -228,6 +228,35 @@ def test_rows_plan_a_shared_round_jointly():
     assert lonely[0].peers(feed=True) == (0, 0) and not lonely[0].start(100, 1)
 
 
+def test_rows_that_drafted_together_back_off_while_their_steps_run_below_plain_decoding():
+    """Each row plans on its peers adding what it adds, so together they can lose. Plain steps of
+    2 rows run at 100 tok/s; a drafted step then emits 3 tokens in 40 ms (75 tok/s): its rows
+    back off. One of 6 tokens in 40 ms (150 tok/s) lifts the recent median above plain: they
+    draft the next step. A batch of another size keeps its own record (before its plain steps,
+    t(B, 1) stands in)."""
+    costs = CostModel(curve(0.010, 0.011), curve(0.002, 0.002))
+
+    def step(tokens: int, seconds: float, rows: int = 2, drafted: bool = True) -> list[Planner]:
+        planners = [Planner(costs) for _ in range(rows)]
+        load = Load(rows=rows, context=100, waiting=set(planners))
+        for planner in planners:
+            planner.load = load
+            planner.begin(100)
+            if drafted:
+                planner.draft_forward(1)
+                planner.add(0.5)
+        load.settle(tokens, seconds, nodes=1 if drafted else 0)
+        return planners
+
+    step(2, 0.020, drafted=False)
+    assert costs.plain[2].value == pytest.approx(100.0)
+    assert all(planner.skip == 1 and planner.backoff == 2 for planner in step(3, 0.040))
+    assert costs.payoff[2].value == pytest.approx(0.75)
+    assert all(planner.skip == 0 and planner.backoff == 1 for planner in step(6, 0.040))
+    assert all(planner.skip == 0 for planner in step(2, 0.010, rows=1))  # 200 tok/s against t(1, 1)'s 100
+    assert costs.payoff[1].value == pytest.approx(2.0) and costs.payoff[2].value == pytest.approx(1.125)
+
+
 def test_what_the_calibration_does_not_hold_is_learned_from_the_steps_and_priced():
     """A batch's steps teach the cost model the host's work per row draft forward, the loop's own
     work per row, and how far the target's forwards run from its surface: medians of the recent

@@ -35,14 +35,18 @@ Example (4 rows, t(4, 1) 12 ms, t(4, 2) 14 ms, a draft round of 4 rows 2 ms, a f
 0.7): the first row alone, 4.7 / 16 ms = 294 tok/s, below plain decoding's 4 / 12 ms = 333; with
 its 3 peers, 6.8 / 16 ms = 425 tok/s: it drafts, and so do the others.
 
+Planned jointly, the rows may still lose together (a row's peers need not add what it assumed):
+after each step `Load.settle` weighs its real rate against recent plain steps of the batch's size,
+and the rows that drafted back off while their drafted steps run below them.
+
 The start forward is priced at the entries a drafting sequence feeds each step (at most
-`STEADY_LAG`: an unfed leaf and the root); the catch-up of a longer lag after skipped steps, or
-the first prefill, is paid once and serves the steps after it. A step in a batch starts drafting
-when a first node of the draft's recent top probability would pay; otherwise it backs off, and
-probes once the backoff is full if a sure first node could pay for catching the draft up over the
-whole lag: a probe that finds nothing has paid that catch-up for nothing. A sequence decoding
-alone (or the last row of a batch) starts unless even a sure first node could not pay: its start forward is its own, and the
-real probabilities it shows decide better than the recent mean (gated on the mean, the demo
+`STEADY_LAG`: an unfed leaf and the root); the catch-up of a longer lag after skipped steps, or the
+first prefill, is paid once and serves the steps after it. A step in a batch starts drafting when a
+first node of the draft's recent top probability would pay; otherwise it backs off, and probes once
+the backoff is full if a sure first node could pay for catching the draft up over the whole lag: a
+probe that finds nothing has paid that catch-up for nothing. A sequence decoding alone (or the last
+row of a batch) starts unless even a sure first node could not pay: its start forward is its own,
+and the real probabilities it shows decide better than the recent mean (gated on the mean, the demo
 pair's chain `auto` ran 5% more target forwards at B = 1).
 """
 
@@ -53,7 +57,7 @@ from typing import Annotated, Literal
 
 from pydantic import PlainValidator
 
-from specdec.costs import CostModel
+from specdec.costs import CostModel, Recent
 from specdec.tree import DraftTree, Verdict
 
 
@@ -91,6 +95,35 @@ class Load:
     begun: set[Planner] = field(default_factory=set)
     ended: set[Planner] = field(default_factory=set)
     seconds: dict[tuple[str, int, int], float] = field(default_factory=dict)
+
+    def settle(self, tokens: int, seconds: float, nodes: int) -> None:
+        """After the step, which emitted `tokens` in `seconds` with trees of up to `nodes` nodes:
+        each row decided on its peers adding what it added, so together they may have lost.
+        A step without draft forwards adds its rate to the recent plain steps of this many rows
+        (`CostModel.plain`). A drafted step adds its rate over plain decoding's (theirs, or
+        before any, one token a row in a target forward of t(B, 1) and the loop's work per row,
+        as learned) to the recent drafted steps of this many rows (`CostModel.payoff`); while
+        their median is below 1 every row that drafted backs off as if it had found nothing,
+        else it drafts the next step."""
+        costs = next(iter(self.begun)).costs if self.begun else None
+        if costs is None:
+            return
+        plain = costs.plain.setdefault(self.rows, Recent(0.0))
+        if nodes == 0 and not any(self.rounds):
+            plain.add(tokens / seconds)
+            return
+        drafted = [planner for planner in self.begun if planner.rounds and planner.nodes]
+        if not drafted:
+            return
+        if not plain.seen:
+            plain.value = self.rows / (costs.target_seconds(1, self.context, rows=self.rows) + costs.overhead.value * self.rows)
+        payoff = costs.payoff.setdefault(self.rows, Recent(1.0))
+        payoff.add(tokens / seconds / plain.value)
+        for planner in drafted:
+            if payoff.value >= 1.0:
+                planner.backoff = 1
+            else:
+                planner._back_off()
 
 
 class Planner:
@@ -270,12 +303,12 @@ class Planner:
 
     def end(self) -> None:
         """After proposing: this tree is final for the batch's step; back off when nothing paid,
-        else draft every step."""
+        else (alone; in a batch, `Load.settle` decides) draft every step."""
         if self.load is not None:
             self.load.ended.add(self)
         if self.nodes == 0:
             self._back_off()
-        else:
+        elif self.load is None:
             self.backoff = 1
 
     def _back_off(self) -> None:
