@@ -1,0 +1,53 @@
+"""Batched speed of configs against `ar`, paired: in each repeat every method decodes the same
+prompts at batch size B one after another, and a method's figure is the median over repeats of its
+tokens per second over `ar`'s in the same repeat. A slow patch of this machine lasts seconds to
+minutes, so ratios within a repeat vary far less than the rates themselves. Also prints the draft
+nodes per step. `specdec bench --batch-size` reports the same medians with latency and output
+checks; this script is the quick way to weigh a change at a few batch sizes.
+
+    python scripts/paired_batch.py CONFIG [CONFIG ...] [--batch-sizes 8,16] [--repeats 5] [--limit 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from specdec.bench.methods import ar_decoder
+from specdec.bench.prompts import load_questions
+from specdec.decoder import SpeculativeDecoder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="+")
+    parser.add_argument("--batch-sizes", default="8,16")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+    prompts = [question.turns[0] for question in load_questions(None, args.limit)]
+    decoders = {path: SpeculativeDecoder.from_config(path) for path in args.configs}
+    first = next(iter(decoders.values()))
+    decoders = {"ar": ar_decoder(first, first.config), **decoders}
+    for decoder in decoders.values():  # warm-up, and the batched surfaces measured or loaded
+        decoder.generate_batch(prompts, batch_size=max(map(int, args.batch_sizes.split(","))), max_new_tokens=8)
+    for batch_size in map(int, args.batch_sizes.split(",")):
+        rates = {name: [] for name in decoders}
+        nodes = {name: [] for name in decoders}
+        for _ in range(args.repeats):
+            for name, decoder in decoders.items():
+                start = time.perf_counter()
+                outputs = decoder.generate_batch(prompts, batch_size=batch_size, max_new_tokens=args.max_new_tokens)
+                rates[name].append(sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start))
+                nodes[name].append(sum(o.metrics.drafted_nodes for o in outputs) / sum(o.metrics.steps for o in outputs))
+        for name in decoders:
+            ratio = statistics.median(a / b for a, b in zip(rates[name], rates["ar"]))
+            print(f"B {batch_size} {name}: {ratio:.3f}x ar, {statistics.median(nodes[name]):.2f} nodes/step "
+                  f"({statistics.median(rates[name]):.1f} tok/s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
