@@ -114,12 +114,11 @@ class BatchLoop:
             if sequence.done:
                 finished.append(self.running.pop(row))
         self._compact()
-        nodes = max(len(tree) for tree in trees.values()) - 1
-        load.settle(sum(len(sequence.generated) for sequence in sequences) - emitted, time.perf_counter() - start, nodes)
         if self.costs is not None:  # what the calibration does not hold: auto learns it as the batch runs
+            seconds, nodes = time.perf_counter() - start, max(len(tree) for tree in trees.values()) - 1
+            load.settle(self.costs, sum(len(sequence.generated) for sequence in sequences) - emitted, seconds, nodes)
             rounds = [(len(queries), max(queries.values())) for queries in load.rounds if queries]  # as planned
-            self.costs.observe_step(len(order), nodes + 1, context, forwarded,
-                                    time.perf_counter() - start, self.lockstep, drafted, rounds)
+            self.costs.observe_step(len(order), nodes + 1, context, forwarded, seconds, self.lockstep, drafted, rounds)
         return finished
 
     def cancel(self, sequence: Sequence) -> None:

@@ -245,7 +245,7 @@ def test_rows_that_drafted_together_back_off_while_their_steps_run_below_plain_d
             if drafted:
                 planner.draft_forward(1)
                 planner.add(0.5)
-        load.settle(tokens, seconds, nodes=1 if drafted else 0)
+        load.settle(costs, tokens, seconds, nodes=1 if drafted else 0)
         return planners
 
     step(2, 0.020, drafted=False)

@@ -96,18 +96,15 @@ class Load:
     ended: set[Planner] = field(default_factory=set)
     seconds: dict[tuple[str, int, int], float] = field(default_factory=dict)
 
-    def settle(self, tokens: int, seconds: float, nodes: int) -> None:
+    def settle(self, costs: CostModel, tokens: int, seconds: float, nodes: int) -> None:
         """After the step, which emitted `tokens` in `seconds` with trees of up to `nodes` nodes:
         each row decided on its peers adding what it added, so together they may have lost.
         A step without draft forwards adds its rate to the recent plain steps of this many rows
-        (`CostModel.plain`). A drafted step adds its rate over plain decoding's (theirs, or
-        before any, one token a row in a target forward of t(B, 1) and the loop's work per row,
-        as learned) to the recent drafted steps of this many rows (`CostModel.payoff`); while
-        their median is below 1 every row that drafted backs off as if it had found nothing,
-        else it drafts the next step."""
-        costs = next(iter(self.begun)).costs if self.begun else None
-        if costs is None:
-            return
+        (`costs.plain`). A drafted step adds its rate over plain decoding's (theirs, or before
+        any, one token a row in a target forward of t(B, 1) and the loop's work per row, as
+        learned) to the recent drafted steps of this many rows (`costs.payoff`); while their
+        median is below 1 every row that drafted backs off as if it had found nothing, else it
+        drafts the next step."""
         plain = costs.plain.setdefault(self.rows, Recent(0.0))
         if nodes == 0 and not any(self.rounds):
             plain.add(tokens / seconds)
@@ -115,10 +112,10 @@ class Load:
         drafted = [planner for planner in self.begun if planner.rounds and planner.nodes]
         if not drafted:
             return
-        if not plain.seen:
-            plain.value = self.rows / (costs.target_seconds(1, self.context, rows=self.rows) + costs.overhead.value * self.rows)
+        rate = plain.value if plain.seen else self.rows / (
+            costs.target_seconds(1, self.context, rows=self.rows) + costs.overhead.value * self.rows)
         payoff = costs.payoff.setdefault(self.rows, Recent(1.0))
-        payoff.add(tokens / seconds / plain.value)
+        payoff.add(tokens / seconds / rate)
         for planner in drafted:
             if payoff.value >= 1.0:
                 planner.backoff = 1
@@ -171,11 +168,11 @@ class Planner:
     def start(self, context: int, lag: int) -> bool:
         """Begin a step at cache length `context` with the draft `lag` entries behind -> whether
         to draft: when a first node of the draft's recent top probability (calibrated at depth 1;
-        alone, of probability 1) would pay for the start forward. Otherwise back off (skip a doubling number of steps)
-        without a forward; once the backoff is full, probe if a sure first node (draft probability
-        1) could pay for a start forward over the whole lag (after skipped steps, or the draft's
-        first prefill), so that no forward is spent on a probe that cannot pay (in a full batch,
-        the usual case). The start forward shows the draft's real confidence, and the nodes
+        alone, of probability 1) would pay for the start forward. Otherwise back off (skip a
+        doubling number of steps) without a forward; once the backoff is full, probe if a sure
+        first node (draft probability 1) could pay for a start forward over the whole lag (after
+        skipped steps, or the draft's first prefill), so that no forward is spent on a probe that
+        cannot pay (in a full batch, the usual case). The start forward shows the draft's real confidence, and the nodes
         decide. A start that drafts is counted as `STEADY_LAG` entries at most: its catch-up
         serves the steps after it."""
         self.begin(context)
