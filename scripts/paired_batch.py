@@ -31,9 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     decoders = {path: SpeculativeDecoder.from_config(path) for path in args.configs}
     first = next(iter(decoders.values()))
     decoders = {"ar": ar_decoder(first, first.config), **decoders}
+    batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
     for decoder in decoders.values():  # warm-up, and the batched surfaces measured or loaded
-        decoder.generate_batch(prompts, batch_size=max(map(int, args.batch_sizes.split(","))), max_new_tokens=8)
-    for batch_size in map(int, args.batch_sizes.split(",")):
+        decoder.generate_batch(prompts, batch_size=max(batch_sizes), max_new_tokens=8)
+    for batch_size in batch_sizes:
         rates = {name: [] for name in decoders}
         nodes = {name: [] for name in decoders}
         for _ in range(args.repeats):

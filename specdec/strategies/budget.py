@@ -172,17 +172,17 @@ class Planner:
         doubling number of steps) without a forward; once the backoff is full, probe if a sure
         first node (draft probability 1) could pay for a start forward over the whole lag (after
         skipped steps, or the draft's first prefill), so that no forward is spent on a probe that
-        cannot pay (in a full batch, the usual case). The start forward shows the draft's real confidence, and the nodes
-        decide. A start that drafts is counted as `STEADY_LAG` entries at most: its catch-up
-        serves the steps after it."""
+        cannot pay (in a full batch, the usual case). The start forward shows the draft's real
+        confidence, and the nodes decide. A start that drafts is counted as `STEADY_LAG` entries
+        at most: its catch-up serves the steps after it."""
         self.begin(context)
         if not self.should_draft():
             return self._decline()
         feed = min(lag, STEADY_LAG)
+        sure = self.conditional("draft", 1, 1.0)
         alone = self.load is None or self.load.rows == 1
-        first = self.conditional("draft", 1, 1.0) if alone else self.prospect(1.0, 0)
-        if not self.pays(first, feed_queries=feed):
-            if self.backoff < MAX_BACKOFF or not self.pays(self.conditional("draft", 1, 1.0), feed_queries=lag):
+        if not self.pays(sure if alone else self.prospect(1.0, 0), feed_queries=feed):
+            if self.backoff < MAX_BACKOFF or not self.pays(sure, feed_queries=lag):
                 self._back_off()
                 return self._decline()
         self.draft_forward(feed)
