@@ -206,6 +206,20 @@ def _time_rows(batch, count: int, query: int, context: int) -> float:
     return batch.clock.seconds - start
 
 
+class Pooled:
+    """Of the last `size` (amount, seconds) pairs seen, the summed amounts over the summed seconds
+    (`value`: `default` before any): a rate of recent steps that weighs each by its time, as a run
+    does, where a median of their rates would let many short steps outvote a few long ones (a
+    drafted step that accepts nothing runs below plain decoding; one that accepts many, far above)."""
+
+    def __init__(self, default: float, size: int = RECENT_STEPS):
+        self.value, self.seen = default, deque(maxlen=size)
+
+    def add(self, amount: float, seconds: float) -> None:
+        self.seen.append((amount, seconds))
+        self.value = sum(a for a, _ in self.seen) / sum(s for _, s in self.seen)
+
+
 class Recent:
     """The median of the last `size` values seen (`value`: `default` before any): robust to a
     step slowed by something else, and following the machine as it changes."""
@@ -230,18 +244,23 @@ class CostModel:
     time to its surface, which follows the machine when it runs slower or faster than when it was
     calibrated; and `draft_scale`, the same for the draft model's batched forwards, which also
     takes in what the planner prices as a steady step's feed but runs longer (a row catching its
-    draft up pads the whole round to its lag)."""
+    draft up pads the whole round to its lag). `Load.settle` keeps, per batch size, the recent
+    rates of plain steps (`plain`) and of drafted steps over them (`payoff`).
+
+    A cost model made from this one by `dataclasses.replace` shares what is learned (the objects,
+    not copies): every batch over one decoder learns into the same records, so a decoder that runs
+    many batches does not learn the machine again for each."""
 
     target: Curve
     draft: Curve | None
     rows: Surface | None = None
     draft_rows: Surface | None = None
-    host: Recent = field(default_factory=lambda: Recent(0.0), init=False, repr=False, compare=False)
-    overhead: Recent = field(default_factory=lambda: Recent(0.0), init=False, repr=False, compare=False)
-    target_scale: Recent = field(default_factory=lambda: Recent(1.0), init=False, repr=False, compare=False)
-    draft_scale: Recent = field(default_factory=lambda: Recent(1.0), init=False, repr=False, compare=False)
-    plain: dict[int, Recent] = field(default_factory=dict, init=False, repr=False, compare=False)
-    payoff: dict[int, Recent] = field(default_factory=dict, init=False, repr=False, compare=False)
+    host: Recent = field(default_factory=lambda: Recent(0.0), repr=False, compare=False)
+    overhead: Recent = field(default_factory=lambda: Recent(0.0), repr=False, compare=False)
+    target_scale: Recent = field(default_factory=lambda: Recent(1.0), repr=False, compare=False)
+    draft_scale: Recent = field(default_factory=lambda: Recent(1.0), repr=False, compare=False)
+    plain: dict[int, Pooled] = field(default_factory=dict, repr=False, compare=False)
+    payoff: dict[int, Pooled] = field(default_factory=dict, repr=False, compare=False)
 
     def observe_step(self, rows: int, nodes: int, context: float, target_seconds: float, step_seconds: float,
                      lockstep, draft_seconds: float = 0.0, draft_rounds: Sequence[tuple[int, int]] = ()) -> None:

@@ -39,7 +39,7 @@ def auto_decoder(target_model, draft_model, label: str, surface: Surface, monkey
     name, options = AUTO[label]
     component = get_strategy(name)
     strategy = component.cls(component.cls.Options(**options))
-    strategy.set_costs(ALONE)
+    strategy.set_costs(CostModel(ALONE.target, ALONE.draft))  # its own: each decoder's batches learn into it
     target, draft = PyTorchBackend(target_model), PyTorchBackend(draft_model)
     surfaces = {id(target): surface, id(draft): Surface([1], [ALONE.draft])}  # a batched draft forward: as one row's
     monkeypatch.setattr(specdec.batch, "load_or_measure_surface", lambda spec, backend, rows: surfaces[id(backend)])
@@ -231,9 +231,9 @@ def test_rows_plan_a_shared_round_jointly():
 def test_rows_that_drafted_together_back_off_while_their_steps_run_below_plain_decoding():
     """Each row plans on its peers adding what it adds, so together they can lose. Plain steps of
     2 rows run at 100 tok/s; a drafted step then emits 3 tokens in 40 ms (75 tok/s): its rows
-    back off. One of 6 tokens in 40 ms (150 tok/s) lifts the recent median above plain: they
-    draft the next step. A batch of another size keeps its own record (before its plain steps,
-    t(B, 1) stands in)."""
+    back off. One of 6 tokens in 40 ms (150 tok/s) lifts the two drafted steps above plain (9
+    tokens in 80 ms, which plain decoding takes 90 ms for): they draft the next step. A batch of
+    another size keeps its own record (before its plain steps, t(B, 1) stands in)."""
     costs = CostModel(curve(0.010, 0.011), curve(0.002, 0.002))
 
     def step(tokens: int, seconds: float, rows: int = 2, drafted: bool = True) -> list[Planner]:
@@ -255,6 +255,37 @@ def test_rows_that_drafted_together_back_off_while_their_steps_run_below_plain_d
     assert all(planner.skip == 0 and planner.backoff == 1 for planner in step(6, 0.040))
     assert all(planner.skip == 0 for planner in step(2, 0.010, rows=1))  # 200 tok/s against t(1, 1)'s 100
     assert costs.payoff[1].value == pytest.approx(2.0) and costs.payoff[2].value == pytest.approx(1.125)
+
+
+def test_drafted_steps_are_weighed_by_their_time_not_by_their_median():
+    """Plain steps of 1 row run at 100 tok/s. Three drafted steps accept nothing (1 token in
+    12 ms each: 0.83x) and one accepts four (5 tokens in 12 ms: 4.2x): most steps lose, the four
+    together gain (8 tokens in 48 ms: 1.67x), so the rows keep drafting."""
+    costs = CostModel(curve(0.010, 0.010), curve(0.002, 0.002))
+    planner = None
+    for tokens, seconds, drafted in [(1, 0.010, False), (1, 0.012, True), (5, 0.012, True), (1, 0.012, True), (1, 0.012, True)]:
+        planner = Planner(costs)
+        planner.load = Load(rows=1, context=100, waiting={planner})
+        if drafted:
+            assert planner.start(100, 1)
+            planner.add(0.5)
+        else:
+            planner.begin(100)
+        planner.load.settle(costs, tokens, seconds, nodes=planner.nodes)
+    assert costs.payoff[1].value == pytest.approx(8 / 100 / 0.048) and planner.skip == 0 and planner.backoff == 1
+
+
+def test_every_batch_over_one_decoder_learns_into_the_same_records(models, monkeypatch):
+    """The batch loop's cost model (the decoder's, with the t(B, N) surfaces) shares what its
+    steps learn with the decoder's, so the decoder's next batch starts from it."""
+    target = models("llama", 0)
+    decoder = auto_decoder(target, target, "chain", CROWDED, monkeypatch)
+    decoder.generate_batch(PROMPTS[:2], batch_size=2, max_new_tokens=8, ignore_eos=True)
+    learned = decoder.strategy.planner.costs
+    assert learned.plain[2].seen and learned.rows is None  # plain steps of 2 rows (nodes cost too much)
+    loop = specdec.batch.BatchLoop(decoder, 2)
+    assert loop.costs.rows is CROWDED and loop.costs.plain is learned.plain and loop.costs.payoff is learned.payoff
+    assert loop.costs.target_scale is learned.target_scale
 
 
 def test_what_the_calibration_does_not_hold_is_learned_from_the_steps_and_priced():

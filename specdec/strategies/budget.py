@@ -37,7 +37,7 @@ its 3 peers, 6.8 / 16 ms = 425 tok/s: it drafts, and so do the others.
 
 Planned jointly, the rows may still lose together (a row's peers need not add what it assumed):
 after each step `Load.settle` weighs its real rate against recent plain steps of the batch's size,
-and the rows that drafted back off while their drafted steps run below them.
+and the rows that drafted back off while its drafted steps run below them.
 
 The start forward is priced at the entries a drafting sequence feeds each step (at most
 `STEADY_LAG`: an unfed leaf and the root); the catch-up of a longer lag after skipped steps, or the
@@ -57,7 +57,7 @@ from typing import Annotated, Literal
 
 from pydantic import PlainValidator
 
-from specdec.costs import CostModel, Recent
+from specdec.costs import CostModel, Pooled
 from specdec.tree import DraftTree, Verdict
 
 
@@ -99,23 +99,24 @@ class Load:
     def settle(self, costs: CostModel, tokens: int, seconds: float, nodes: int) -> None:
         """After the step, which emitted `tokens` in `seconds` with trees of up to `nodes` nodes:
         each row decided on its peers adding what it added, so together they may have lost.
-        A step without draft forwards adds its rate to the recent plain steps of this many rows
-        (`costs.plain`). A drafted step adds its rate over plain decoding's (theirs, or before
-        any, one token a row in a target forward of t(B, 1) and the loop's work per row, as
-        learned) to the recent drafted steps of this many rows (`costs.payoff`); while their
-        median is below 1 every row that drafted backs off as if it had found nothing, else it
-        drafts the next step."""
-        plain = costs.plain.setdefault(self.rows, Recent(0.0))
+        A step without draft forwards joins the recent plain steps of this many rows
+        (`costs.plain`, their tokens per second). A drafted step joins the recent drafted steps of
+        this many rows (`costs.payoff`: the seconds plain decoding would have taken for their
+        tokens, at its rate then, over the seconds they took; before any plain step, one token a
+        row in a target forward of t(B, 1) and the loop's work per row, as learned, stand in for
+        that rate). While that ratio is below 1 every row that drafted backs off as if it had
+        found nothing, else it drafts the next step."""
+        plain = costs.plain.setdefault(self.rows, Pooled(0.0))
         if nodes == 0 and not any(self.rounds):
-            plain.add(tokens / seconds)
+            plain.add(tokens, seconds)
             return
         drafted = [planner for planner in self.begun if planner.rounds and planner.nodes]
         if not drafted:
             return
         rate = plain.value if plain.seen else self.rows / (
             costs.target_seconds(1, self.context, rows=self.rows) + costs.overhead.value * self.rows)
-        payoff = costs.payoff.setdefault(self.rows, Recent(1.0))
-        payoff.add(tokens / seconds / rate)
+        payoff = costs.payoff.setdefault(self.rows, Pooled(1.0))
+        payoff.add(tokens / rate, seconds)
         for planner in drafted:
             if payoff.value >= 1.0:
                 planner.backoff = 1
