@@ -37,7 +37,7 @@ its 3 peers, 6.8 / 16 ms = 425 tok/s: it drafts, and so do the others.
 
 Planned jointly, the rows may still lose together (a row's peers need not add what it assumed):
 after each step `Load.settle` weighs its real rate against recent plain steps of the batch's size,
-and the rows that drafted back off while its drafted steps run below them.
+and the rows that drafted back off while the drafted steps run below them.
 
 The start forward is priced at the entries a drafting sequence feeds each step (at most
 `STEADY_LAG`: an unfed leaf and the root); the catch-up of a longer lag after skipped steps, or the
