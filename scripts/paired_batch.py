@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size in batch_sizes:
         rates = {name: [] for name in decoders}
         nodes = {name: [] for name in decoders}
-        for _ in range(args.repeats):
-            for name, decoder in decoders.items():
+        for repeat in range(args.repeats):
+            order = list(decoders.items())
+            for name, decoder in order if repeat % 2 == 0 else order[::-1]:  # as specdec bench: drift cancels
                 start = time.perf_counter()
                 outputs = decoder.generate_batch(prompts, batch_size=batch_size, max_new_tokens=args.max_new_tokens)
                 rates[name].append(sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start))

@@ -140,6 +140,26 @@ def test_run_prompts_and_bench_batch_size_on_the_demo_pair(capsys, tmp_path):
     assert code == 1 and "only the ar baseline" in err and err.count("\n") == 1
 
 
+def test_odd_repeats_run_the_methods_in_reverse_order(capsys, tmp_path, monkeypatch):
+    """A machine drifting within a repeat then favours a method against ar in one repeat and ar
+    in the next."""
+    import specdec.bench.batched as batched
+    from test_cli import run_cli
+
+    order, run = [], batched._run
+
+    def recording(decoder, inputs, batch_size, max_new):
+        order.append(decoder.strategy.name)
+        return run(decoder, inputs, batch_size, max_new)
+
+    monkeypatch.setattr(batched, "_run", recording)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "chain.yaml")
+    code, _, err = run_cli(capsys, "bench", config, "--baselines", "ar", "--batch-size", "2", "--limit", "2",
+                           "--max-new-tokens", "4", "--repeats", "3", "--warmup", "0", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert order == ["ar", "chain", "chain", "ar", "ar", "chain"]
+
+
 def test_a_batched_speedup_pairs_each_repeat_with_ars():
     from specdec.bench.batched import BatchRun, paired_speedup
 

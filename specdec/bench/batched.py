@@ -12,7 +12,9 @@ target forward and refills rows as sequences finish. Per method and batch size:
 `ar` (the target alone through the same batched loop) is the reference at each batch size. A
 repeat runs every method at one B back to back before the next B, and a method's speedup is the
 median over repeats of its throughput over `ar`'s in the same repeat: pairs minutes apart on a
-noisy machine would compare the machine's drift as much as the methods.
+noisy machine would compare the machine's drift as much as the methods. Odd repeats run the
+methods in reverse order, so a machine drifting within a repeat favours a method against `ar` in
+one repeat and `ar` in the next, instead of the last method in every repeat.
 """
 
 from __future__ import annotations
@@ -60,9 +62,9 @@ def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
             _run(decoder, warm, largest, min(16, max_new))
     runs: dict[tuple[str, int], list[BatchRun]] = {}
     bar = tqdm(total=settings.repeats * len(methods) * len(batch_sizes), desc="bench", file=sys.stderr, unit="batch run")
-    for _ in range(settings.repeats):
+    for repeat in range(settings.repeats):
         for size in batch_sizes:
-            for name, decoder in methods:
+            for name, decoder in methods if repeat % 2 == 0 else methods[::-1]:
                 runs.setdefault((name, size), []).append(_run(decoder, inputs, size, max_new))
                 bar.update()
     bar.close()
