@@ -288,6 +288,18 @@ def test_every_batch_over_one_decoder_learns_into_the_same_records(models, monke
     assert loop.costs.target_scale is learned.target_scale
 
 
+def test_a_sequence_decoding_alone_prices_its_drafts_from_the_calibration_alone():
+    """What the decoder's batches learned (here 5 ms of host work per row draft forward) stays
+    out of `generate`, so a decoding alone plans the same whether or not batches ran before."""
+    costs = CostModel(curve(0.010, 0.011), curve(0.002, 0.003))
+    costs.host.add(0.005)
+    planner = Planner(costs)
+    planner.begin(100)
+    planner.draft_forward(1)
+    assert planner.draft_seconds == pytest.approx(0.002)
+    assert planner._draft_seconds(2) == pytest.approx(0.002 + 0.003)
+
+
 def test_what_the_calibration_does_not_hold_is_learned_from_the_steps_and_priced():
     """A batch's steps teach the cost model the host's work per row draft forward, the loop's own
     work per row, and how far the target's forwards run from its surface: medians of the recent
@@ -316,9 +328,6 @@ def test_what_the_calibration_does_not_hold_is_learned_from_the_steps_and_priced
     assert costs.target_seconds(1, 100, rows=8) == pytest.approx(0.010)
 
     planner = Planner(costs)
-    planner.begin(100)
-    planner.draft_forward(1)
-    assert planner.draft_seconds == pytest.approx(0.001 + 0.0009 / 8)
     planner.load = Load(rows=8)
     planner.begin(100)
     planner.draft_forward(1)

@@ -201,7 +201,7 @@ class Planner:
 
     def draft_forward(self, queries: int) -> None:
         self.rounds.append(queries)
-        self.spent += self.costs.draft_seconds(queries, self.context) + self.costs.host.value
+        self.spent += self.costs.draft_seconds(queries, self.context)  # alone: the calibration as it is
         if self.load is not None:  # this row joins the batch's round
             if len(self.rounds) > len(self.load.rounds):
                 self.load.rounds.append({})
@@ -212,8 +212,8 @@ class Planner:
         `own`) and one more of `feed` queries (if any), which `peers` more rows join: alone,
         their sum; in a batch, per round one forward of the rows in it, padded to the largest
         query. Each row's forward adds the host's work around it (`CostModel.host`)."""
-        if self.load is None:  # the common path: constant time
-            return (self.spent if own else 0.0) + (self.costs.draft_seconds(feed, self.context) + self.costs.host.value if feed else 0.0)
+        if self.load is None:  # the common path, constant time; what batches learn stays out of it
+            return (self.spent if own else 0.0) + (self.costs.draft_seconds(feed, self.context) if feed else 0.0)
         mine = (self.rounds + [feed] if feed else self.rounds) if own else []
         seconds = 0.0
         for i in range(max(len(mine), len(self.load.rounds))):
