@@ -211,7 +211,8 @@ class Planner:
         """The step's draft seconds with this sequence's draft forwards so far (none if not
         `own`) and one more of `feed` queries (if any), which `peers` more rows join: alone,
         their sum; in a batch, per round one forward of the rows in it, padded to the largest
-        query. Each row's forward adds the host's work around it (`CostModel.host`)."""
+        query, each row's forward adding the host's work around it (`CostModel.host`, learned
+        by batches)."""
         if self.load is None:  # the common path, constant time; what batches learn stays out of it
             return (self.spent if own else 0.0) + (self.costs.draft_seconds(feed, self.context) if feed else 0.0)
         mine = (self.rounds + [feed] if feed else self.rounds) if own else []
