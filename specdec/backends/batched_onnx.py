@@ -1,5 +1,6 @@
 """Batched forwards on an ONNX-contract export (specdec/backends/onnx_contract.py), through the
-contract's batch dimension: B rows of KV buffers [B, H_kv, capacity, D] per layer and key/value.
+contract's batch dimension: B rows of KV buffers [B, H_kv, capacity, D] per layer and key/value,
+views of one tensor [2L, B, H_kv, capacity, D] (so that one write stores a forward's new entries).
 
 A call over rows 0 .. k - 1 passes their buffers (a contiguous view, never a copy) as the past and
 a mask [k, 1, Q, C + Q], C the capacity: in the graph the Q new entries come after the C past
@@ -24,8 +25,10 @@ class BatchedOnnx(BatchedRows):
     def __init__(self, backend: OnnxContractBackend, rows: int):
         self.backend, self.device, self.dtype = backend, backend.device, backend.dtype
         heads, dim = backend.manifest["kv_heads"], backend.manifest["head_dim"]
-        # zeros: slots the mask hides must hold finite values
-        self.kv = [torch.zeros(rows, heads, 0, dim, dtype=self.dtype, device=self.device) for _ in range(2 * backend.num_layers)]
+        # every layer's key and value buffer in one tensor [2L, B, H_kv, C, D], so that one write
+        # stores a forward's new entries; zeros: slots the mask hides must hold finite values
+        self.cache = torch.zeros(2 * backend.num_layers, rows, heads, 0, dim, dtype=self.dtype, device=self.device)
+        self.kv = list(self.cache.unbind(0))  # [B, H_kv, C, D] views, bound to the graph as they are
         self.clock = ForwardClock(self.device)
         super().__init__(backend, rows)
 
@@ -33,14 +36,13 @@ class BatchedOnnx(BatchedRows):
         return self.kv
 
     def _reserve(self, needed: int) -> None:
-        capacity = self.kv[0].shape[2]
+        capacity = self.cache.shape[3]
         if needed <= capacity:
             return
         capacity = max(needed, min(-(-needed // CAPACITY_STEP) * CAPACITY_STEP, self.backend.max_length))
-        for i, old in enumerate(self.kv):
-            new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
-            new[:, :, : old.shape[2]] = old
-            self.kv[i] = new
+        old, self.cache = self.cache, self.cache.new_zeros(*self.cache.shape[:3], capacity, self.cache.shape[4])
+        self.cache[:, :, :, : old.shape[3]] = old
+        self.kv = list(self.cache.unbind(0))
 
     def _call(self, span, ids, positions, used, visible):
         self._reserve(max(used) + ids.shape[1])
@@ -78,18 +80,22 @@ class BatchedOnnx(BatchedRows):
         mask[:, 0, :, :width] = visible[:, :, :width]
         mask[:, 0, :, capacity:] = visible[:, :, width:]
         kept = self.backend.logit_count(query, last_only)
-        outputs = self._outputs(count, query, kept)
+        outputs, presents = self._outputs(count, query, kept)
         self.backend.execute(self.backend.graph_inputs(ids, positions, mask, past, kept), outputs)
         index = torch.arange(first, first + count, device=self.device)[:, None]  # [k, 1]
         slots = (torch.tensor(used)[:, None] + torch.arange(query)).to(self.device)  # [k, Q]
-        for buffer, new in zip(self.kv, outputs[1 : 1 + len(self.kv)]):
-            buffer[index, :, slots] = new.transpose(1, 2)  # [k, Q, H_kv, D]
+        self.cache[:, index, :, slots] = presents.permute(1, 3, 0, 2, 4)  # [k, Q, 2L, H_kv, D]
         columns = self.backend._feature_columns
         features = outputs[-1].index_select(2, columns) if columns is not None else None  # [k, Q, F]
         return outputs[0].float(), features
 
-    def _outputs(self, count: int, query: int, kept: int) -> list[torch.Tensor]:
-        """Empty outputs of a run over `count` rows: logits [k, K, V], presents [k, H_kv, Q, D],
-        then features [k, Q, F_all] if the export has them."""
+    def _outputs(self, count: int, query: int, kept: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Empty outputs of a run over `count` rows -> (the graph's outputs: logits [k, K, V], the
+        presents [k, H_kv, Q, D] of each layer's key and value, then features [k, Q, F_all] if the
+        export has them; the presents as one tensor [2L, k, H_kv, Q, D], whose views they are)."""
         one = self.backend.output_buffers(query, kept)  # a single sequence's, batch 1 (empty: nothing is filled)
-        return [torch.empty(count, *t.shape[1:], dtype=t.dtype, device=self.device) for t in one]
+        outputs = [torch.empty(count, *t.shape[1:], dtype=t.dtype, device=self.device) for t in one]
+        present = one[1]
+        presents = torch.empty(len(self.kv), count, *present.shape[1:], dtype=present.dtype, device=self.device)
+        outputs[1 : 1 + len(self.kv)] = presents.unbind(0)
+        return outputs, presents
