@@ -94,8 +94,8 @@ class BatchedOnnx(BatchedRows):
         presents [k, H_kv, Q, D] of each layer's key and value, then features [k, Q, F_all] if the
         export has them; the presents as one tensor [2L, k, H_kv, Q, D], whose views they are)."""
         one = self.backend.output_buffers(query, kept)  # a single sequence's, batch 1 (empty: nothing is filled)
-        outputs = [torch.empty(count, *t.shape[1:], dtype=t.dtype, device=self.device) for t in one]
-        present = one[1]
-        presents = torch.empty(len(self.kv), count, *present.shape[1:], dtype=present.dtype, device=self.device)
-        outputs[1 : 1 + len(self.kv)] = presents.unbind(0)
-        return outputs, presents
+        layers = len(self.kv)
+        presents = torch.empty(layers, count, *one[1].shape[1:], dtype=one[1].dtype, device=self.device)
+        logits, *features = (torch.empty(count, *t.shape[1:], dtype=t.dtype, device=self.device)
+                             for t in [one[0], *one[1 + layers :]])
+        return [logits, *presents.unbind(0), *features], presents
