@@ -112,7 +112,7 @@ class BatchLoop:
             sequence = self.running[row]
             sequence.finish(tree, logits[row])
             if sequence.done:
-                finished.append(self.running.pop(row))
+                finished.append(self._leave(row))
         self._compact()
         if self.costs is not None:  # what the calibration does not hold: auto learns it as the batch runs
             seconds, nodes = time.perf_counter() - start, max(len(tree) for tree in trees.values()) - 1
@@ -125,9 +125,15 @@ class BatchLoop:
         """Stop a running sequence (between steps); its row frees at once."""
         for row, running in list(self.running.items()):
             if running is sequence:
-                del self.running[row]
+                self._leave(row)
                 self._compact()
                 return
+
+    def _leave(self, row: int) -> Sequence:
+        """Take the sequence out of `row`, dropping its entries (so the target's buffers can shrink)."""
+        sequence = self.running.pop(row)
+        sequence.target.reset()
+        return sequence
 
     def _compact(self) -> None:
         """Move the highest running sequences into free lower rows, so they hold rows 0 .. n - 1."""

@@ -308,15 +308,33 @@ def test_an_onnxruntime_prefill_reads_only_its_own_rows_entries(llama_export, mo
 
     target = onnx_target(llama_export)
     batch = batched_backend(target, 2)
-    batch.rows[0].prefill(torch.tensor([list(range(3, 40))]))  # grows the capacity to a CAPACITY_STEP
+    batch.rows[0].prefill(torch.tensor([list(range(3, 40))]))  # grows the capacity past 37 slots
     widths = []
     execute = target.execute
     monkeypatch.setattr(target, "execute", lambda inputs, outputs: widths.append(inputs[3].shape[2]) or execute(inputs, outputs))
     prompt = [5, 6, 7, 8, 9, 10]
     logits = batch.rows[1].prefill(torch.tensor([prompt]))
-    assert batch.kv[0].shape[2] >= 256 and widths == [1, 4]  # two chunks of 4: past of 1 (sentinel), then 4
+    assert batch.kv[0].shape[2] >= 37 and widths == [1, 4]  # two chunks of 4: past of 1 (sentinel), then 4
     want = PyTorchBackend(models("llama", 0)).model(torch.tensor([prompt])).logits[0, -1]
     assert torch.allclose(logits[0], want, atol=1e-4)
+
+
+def test_the_onnxruntime_capacity_follows_the_longest_row_and_shrinks_when_it_leaves(llama_export, models):
+    # the graph reads every slot of the capacity, so it is the longest row rounded up to FIT_STEP,
+    # shrinking when that row's entries are dropped (and it is more than a step over); the remaining row's logits stay exact
+    from specdec.backends.batched_onnx import FIT_STEP
+    from specdec.batch import batched_backend
+
+    batch = batched_backend(onnx_target(llama_export), 2)
+    long, short = list(range(3, 3 + 2 * FIT_STEP + 5)), [5, 6, 7]
+    batch.rows[0].prefill(torch.tensor([long]))
+    batch.rows[1].prefill(torch.tensor([short]))
+    assert batch.kv[0].shape[2] == 3 * FIT_STEP  # len(long) rounded up
+    batch.rows[0].reset()  # the long sequence leaves
+    logits = batch.forward_rows({1: (torch.tensor([[9]]), torch.tensor([[len(short)]]), torch.ones(1, 1, 1, dtype=torch.bool))})
+    assert batch.kv[0].shape[2] == FIT_STEP
+    want = PyTorchBackend(models("llama", 0)).model(torch.tensor([short + [9]])).logits[0, -1]
+    assert torch.allclose(logits[1][0], want, atol=1e-4)
 
 
 # -- exact sampling on batched rows -----------------------------------------------------------------

@@ -4,9 +4,12 @@ views of one tensor [2L, B, H_kv, capacity, D] (so that one write stores a forwa
 
 A call over rows 0 .. k - 1 passes their buffers (a contiguous view, never a copy) as the past and
 a mask [k, 1, Q, C + Q], C the capacity: in the graph the Q new entries come after the C past
-slots. Each row's Q new entries (`present`, [k, H_kv, Q, D]) are then written at its own slots
-used_b .. used_b + Q - 1; a padding query's entry lands past the row's real ones, where a later
-forward or commit overwrites it. Rows, bookkeeping and masks are shared with the pytorch path
+slots. The graph reads all C slots of every row, so C follows the longest row closely (rounded up
+to FIT_STEP slots, and shrunk when the longest rows leave): at B = 8 on SmolLM2-135M each 32 slots
+of capacity cost about 1 ms of a forward's ~45 (BENCHMARKS.md, session 16). Each row's Q new
+entries (`present`, [k, H_kv, Q, D]) are then written at its own slots used_b .. used_b + Q - 1; a
+padding query's entry lands past the row's real ones, where a later forward or commit overwrites
+it. Rows, bookkeeping and masks are shared with the pytorch path
 (specdec/backends/batched.py).
 """
 
@@ -16,7 +19,9 @@ import torch
 
 from specdec.backends.batched import BatchedRows
 from specdec.backends.clock import ForwardClock
-from specdec.backends.onnx_contract import CAPACITY_STEP, OnnxContractBackend
+from specdec.backends.onnx_contract import OnnxContractBackend
+
+FIT_STEP = 32  # capacity is the longest row rounded up to this many slots (resizing copies the cache)
 
 
 class BatchedOnnx(BatchedRows):
@@ -35,17 +40,23 @@ class BatchedOnnx(BatchedRows):
     def buffers(self) -> list[torch.Tensor]:
         return self.kv
 
-    def _reserve(self, needed: int) -> None:
+    def _fit(self, needed: int) -> None:
+        """Make the capacity hold `needed` slots and every row's entries, rounded up to FIT_STEP;
+        shrink it when it is more than one step over that (the longest rows left)."""
+        live = max(needed, *(row.committed_len + row.pending_len for row in self.rows))
+        fitted = max(live, min(-(-live // FIT_STEP) * FIT_STEP, self.backend.max_length))
         capacity = self.cache.shape[3]
-        if needed <= capacity:
+        if live <= capacity <= fitted + FIT_STEP:
             return
-        capacity = max(needed, min(-(-needed // CAPACITY_STEP) * CAPACITY_STEP, self.backend.max_length))
-        old, self.cache = self.cache, self.cache.new_zeros(*self.cache.shape[:3], capacity, self.cache.shape[4])
-        self.cache[:, :, :, : old.shape[3]] = old
+        old = self.cache
+        self.cache = old.new_empty(*old.shape[:3], fitted, old.shape[4])
+        kept = min(capacity, fitted)
+        self.cache[:, :, :, :kept] = old[:, :, :, :kept]
+        self.cache[:, :, :, kept:] = 0  # slots the mask hides must hold finite values
         self.kv = list(self.cache.unbind(0))
 
     def _call(self, span, ids, positions, used, visible):
-        self._reserve(max(used) + ids.shape[1])
+        self._fit(max(used) + ids.shape[1])
         return self._execute(0, ids, positions, used, visible)
 
     def prefill_row(self, index, input_ids, start):
@@ -56,7 +67,7 @@ class BatchedOnnx(BatchedRows):
             length, used = chunk.shape[1], start + offset
             visible = torch.ones(1, length, used + length, dtype=torch.bool)  # [1, L, S + L]
             visible[0, :, used:] = torch.ones(length, length, dtype=torch.bool).tril_()
-            self._reserve(used + length)
+            self._fit(used + length)
             logits, chunk_features = self._execute(index, chunk, torch.arange(used, used + length)[None], [used], visible,
                                                    last_only=True, past_slots=max(used, 1))
             if chunk_features is not None:
