@@ -42,12 +42,14 @@ from specdec.strategies.budget import Load
 def decode_batch(decoder, requests: list, batch_size: int, on_tokens: Callable[[int, list[int]], None] | None = None,
                  on_step: Callable[[StepStats], None] | None = None) -> list[tuple[list[int], GenerationMetrics]]:
     """decoder: a SpeculativeDecoder; requests: its checked Requests -> (token ids, metrics) per
-    request. `on_tokens(request index, block)` receives each block of emitted tokens, `on_step`
-    every sequence's StepStats."""
+    request, in the given order; the prompts start shortest first. `on_tokens(request index, block)`
+    receives each block of emitted tokens, `on_step` every sequence's StepStats."""
     if batch_size < 1:
         raise SpecdecError(f"batch size must be at least 1, got {batch_size}")
     loop = BatchLoop(decoder, min(batch_size, len(requests)), on_step)
-    waiting = deque(enumerate(requests))
+    # shortest prompts first: rows of like length share a batch, since its forward reads every
+    # row's buffer up to the longest row's entries
+    waiting = deque(sorted(enumerate(requests), key=lambda item: len(item[1].prompt_ids)))
     index_of: dict[int, int] = {}  # id(sequence) -> request index
     results: list = [None] * len(requests)
     while waiting or loop.running:

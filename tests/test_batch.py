@@ -105,6 +105,20 @@ def test_rows_keep_their_own_cache_across_commits(models):
     assert (a.committed_len, a.pending_len, b.committed_len, b.pending_len) == (6, 1, 2, 1)
 
 
+def test_a_batch_starts_its_prompts_shortest_first_and_returns_them_in_order(models, monkeypatch):
+    # rows of like length share the batch (its forward reads every row's buffer up to the longest
+    # row's entries); the outputs still come back in the given order
+    from specdec.batch import BatchLoop
+
+    decoder = make_decoder(models("llama", 0), None, "ar")
+    joined = []
+    join = BatchLoop.join
+    monkeypatch.setattr(BatchLoop, "join", lambda self, request, *a: joined.append(len(request.prompt_ids)) or join(self, request, *a))
+    outputs = decoder.generate_batch(PROMPTS, batch_size=2, max_new_tokens=4)
+    assert joined == sorted(len(p) for p in PROMPTS) != [len(p) for p in PROMPTS]
+    assert [out.token_ids for out in outputs] == [decoder.generate(p, max_new_tokens=4).token_ids for p in PROMPTS]
+
+
 def test_batch_refuses_what_it_cannot_run_in_one_line(models, drafts):
     decoder = make_decoder(models("llama", 0), drafts("llama", "same"), "chain")
     with pytest.raises(SpecdecError, match="batch size must be at least 1"):

@@ -75,7 +75,7 @@ def test_speculation_stops_when_the_batch_fills_and_returns_as_it_drains(label, 
     target = models("llama", 0)
     decoder = auto_decoder(target, target, label, CROWDED, monkeypatch)  # the draft is the target: always right
     plans = record_plans(monkeypatch)
-    lengths = [4, 30, 6, 8, 5, 40]  # the last two outlive the rest: the batch drains to one row
+    lengths = [4, 40, 6, 8, 30, 5]  # the two longest prompts start last and outlive the rest: the batch drains to one row
     requests = [decoder.prepare(p, None, {"max_new_tokens": n}) for p, n in zip(PROMPTS, lengths)]
     results = decode_batch(decoder, requests, 3)
     assert [tokens for tokens, _ in results] == [hf_greedy(target, p, n) for p, n in zip(PROMPTS, lengths)]
@@ -83,7 +83,7 @@ def test_speculation_stops_when_the_batch_fills_and_returns_as_it_drains(label, 
     alone = [nodes for rows, nodes in plans if rows == 1]
     assert crowded and all(nodes == 0 for nodes in crowded)  # no node pays for 2+ rows
     assert alone and all(nodes > 0 for nodes in alone)  # one row: every step drafts again, no backoff left over
-    assert results[-1][1].accepted_tokens > 0  # its steps alone accepted draft tokens
+    assert results[1][1].accepted_tokens > 0  # the last row's steps alone accepted draft tokens
 
 
 def test_rows_that_never_draft_never_run_the_draft_model(models, monkeypatch):
