@@ -420,3 +420,20 @@ def test_control_a_batched_row_without_the_residual_is_detected(monkeypatch):
     got = batched_row_distribution(decoder, prompt, length, 1.0, 2)
     want = exact_first_tokens(target, prompt, length, Warp(1.0, top_k=2))
     assert max(abs(got.get(s, 0.0) - p) for s, p in want.items()) > 1e-3  # 100x the exact checks' tolerance
+
+
+def test_the_forward_cost_script_times_each_batch_size_at_each_capacity(llama_export, monkeypatch):
+    # scripts/batch_forward_cost.py: every (B, C) is timed over buffers of exactly C slots
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "batch_forward_cost.py"
+    spec = importlib.util.spec_from_file_location("batch_forward_cost", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    target = onnx_target(llama_export)
+    shapes = set()
+    execute = target.execute
+    monkeypatch.setattr(target, "execute", lambda inputs, outputs: shapes.add((inputs[0].shape[0], inputs[3].shape[2])) or execute(inputs, outputs))
+    costs = script.forward_costs(target, [1, 2], [32, 96], rounds=1)
+    assert set(costs) == shapes == {(1, 32), (1, 96), (2, 32), (2, 96)}
+    assert all(seconds > 0 for seconds in costs.values())
