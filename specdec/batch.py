@@ -87,7 +87,9 @@ class BatchLoop:
         row = len(self.running)
         sequence = Sequence(self.target.rows[row], self.drafts[row], _row_strategy(self.decoder.strategy, self.costs),
                             request.prompt_ids, request.warp, request.stopper, request.rng, on_tokens, self.on_step)
-        if not sequence.done:
+        if sequence.done:
+            sequence.target.reset()  # its entries leave with it
+        else:
             self.running[row] = sequence
         return sequence
 

@@ -119,6 +119,25 @@ def test_a_batch_starts_its_prompts_shortest_first_and_returns_them_in_order(mod
     assert [out.token_ids for out in outputs] == [decoder.generate(p, max_new_tokens=4).token_ids for p in PROMPTS]
 
 
+def test_a_sequence_that_leaves_its_row_drops_its_entries(models):
+    # a leaving sequence's entries no longer count for the batch's buffers (which then can shrink):
+    # one done at its first token, one that stops after steps, one cancelled
+    from specdec.batch import BatchLoop
+
+    decoder = make_decoder(models("llama", 0), None, "ar")
+    loop = BatchLoop(decoder, 2)
+    at_once = loop.join(decoder.prepare(PROMPTS[1], None, {"max_new_tokens": 1}))
+    assert at_once.done and loop.target.rows[0].committed_len == 0
+    stopping = loop.join(decoder.prepare(PROMPTS[1], None, {"max_new_tokens": 3}))
+    cancelled = loop.join(decoder.prepare(PROMPTS[0], None, {"max_new_tokens": 50}))
+    assert [row.committed_len for row in loop.target.rows] == [len(PROMPTS[1]), len(PROMPTS[0])]
+    while not stopping.done:
+        loop.step()
+    assert [row.committed_len for row in loop.target.rows] == [len(PROMPTS[0]) + 2, 0]  # moved down to row 0
+    loop.cancel(cancelled)
+    assert not loop.running and [row.committed_len for row in loop.target.rows] == [0, 0]
+
+
 def test_batch_refuses_what_it_cannot_run_in_one_line(models, drafts):
     decoder = make_decoder(models("llama", 0), drafts("llama", "same"), "chain")
     with pytest.raises(SpecdecError, match="batch size must be at least 1"):
