@@ -6,10 +6,11 @@ A call over rows 0 .. k - 1 passes their buffers (a contiguous view, never a cop
 a mask [k, 1, Q, C + Q], C the capacity: in the graph the Q new entries come after the C past
 slots. The graph reads all C slots of every row, so C follows the longest row closely (rounded up
 to FIT_STEP slots, and shrunk when the longest rows leave): at B = 8 on SmolLM2-135M each 32 slots
-of capacity cost 0.7 to 0.9 ms of a forward's 37 to 54 ms (scripts/batch_forward_cost.py). Each row's Q new
-entries (`present`, [k, H_kv, Q, D]) are then written at its own slots used_b .. used_b + Q - 1; a
-padding query's entry lands past the row's real ones, where a later forward or commit overwrites
-it. Rows, bookkeeping and masks are shared with the pytorch path
+of capacity cost 0.7 to 0.9 ms of a forward's 37 to 54 ms (scripts/batch_forward_cost.py).
+
+Each row's Q new entries (`present`, [k, H_kv, Q, D]) are then written at its own slots
+used_b .. used_b + Q - 1; a padding query's entry lands past the row's real ones, where a later
+forward or commit overwrites it. Rows, bookkeeping and masks are shared with the pytorch path
 (specdec/backends/batched.py).
 """
 
