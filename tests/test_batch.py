@@ -443,6 +443,7 @@ def test_control_a_batched_row_without_the_residual_is_detected(monkeypatch):
 
 def test_the_forward_cost_script_times_each_batch_size_at_each_capacity(llama_export, monkeypatch):
     # scripts/batch_forward_cost.py: every (B, C) is timed over buffers of exactly C slots
+    import functools
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "batch_forward_cost.py"
@@ -453,6 +454,13 @@ def test_the_forward_cost_script_times_each_batch_size_at_each_capacity(llama_ex
     shapes = set()
     execute = target.execute
     monkeypatch.setattr(target, "execute", lambda inputs, outputs: shapes.add((inputs[0].shape[0], inputs[3].shape[2])) or execute(inputs, outputs))
-    costs = script.forward_costs(target, [1, 2], [32, 96], rounds=1)
-    assert set(costs) == shapes == {(1, 32), (1, 96), (2, 32), (2, 96)}
+    costs = script.forward_costs({"a": target}, [1, 2], [32, 96], rounds=1)
+    assert {key[1:] for key in costs} == shapes == {(1, 32), (1, 96), (2, 32), (2, 96)} and {key[0] for key in costs} == {"a"}
     assert all(seconds > 0 for seconds in costs.values())
+    order = []  # two targets take turns within each round
+    other = onnx_target(llama_export)
+    for name, backend in (("a", target), ("b", other)):
+        run = functools.partial(type(backend).execute, backend)
+        monkeypatch.setattr(backend, "execute", lambda inputs, outputs, name=name, run=run: order.append(name) or run(inputs, outputs))
+    script.forward_costs({"a": target, "b": other}, [1], [32], rounds=2)
+    assert order == ["a"] * 6 + ["b"] * 6 + ["a"] * 6 + ["b"] * 6

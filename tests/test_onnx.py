@@ -110,7 +110,7 @@ def test_a_manifest_from_an_incompatible_version(exports, tmp_path):
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["format_version"] = 99
     (folder / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(SpecdecError, match="version 99 .* this specdec reads 'specdec-onnx' versions 2, 3, 4: export the model again"):
+    with pytest.raises(SpecdecError, match="version 99 .* this specdec reads 'specdec-onnx' versions 2, 3, 4, 5: export the model again"):
         OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())
 
 
@@ -160,13 +160,58 @@ def test_compare_prefill_times_both_exports_in_turn(exports, format3, monkeypatc
     spec = importlib.util.spec_from_file_location("compare_prefill", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    backends = {v: OnnxRuntimeBackend.load(str(f), OnnxRuntimeOptions()) for v, f in (("4", exports["llama"][1]), ("3", format3))}
+    backends = {v: OnnxRuntimeBackend.load(str(f), OnnxRuntimeOptions()) for v, f in (("5", exports["llama"][1]), ("3", format3))}
     order = []
     prefill = OnnxRuntimeBackend.prefill
     monkeypatch.setattr(OnnxRuntimeBackend, "prefill", lambda self, ids: (order.append(self.manifest["format_version"]), prefill(self, ids))[1])
     seconds = script.prefill_seconds(backends, [PROMPT, PROMPT[:3]], repeats=2)
-    assert {k: len(v) for k, v in seconds.items()} == {"4": 2, "3": 2} and all(t > 0 for v in seconds.values() for t in v)
-    assert order == [4, 4, 3, 3] * 2  # every prompt, one export after the other, per repeat
+    assert {k: len(v) for k, v in seconds.items()} == {"5": 2, "3": 2} and all(t > 0 for v in seconds.values() for t in v)
+    assert order == [5, 5, 3, 3] * 2  # every prompt, one export after the other, per repeat
+
+
+@pytest.fixture(scope="module")
+def unfused(exports, tmp_path_factory):
+    """arch -> an export of format 4, as specdec wrote it before fusing sibling projections."""
+    from unittest import mock
+
+    out = {}
+    for arch in ("llama", "qwen2"):
+        with mock.patch("specdec.export.onnx._fuse_projections", return_value=0):
+            folder = export_onnx(str(exports[arch][0]), tmp_path_factory.mktemp("v4") / arch)
+        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest["format_version"] = 4
+        del manifest["fused_matmuls"]
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+        out[arch] = folder
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sibling_projections_are_fused_without_changing_a_logit(arch, exports, unfused, models):
+    """Query, key and value projections, and gate and up, become one MatMul each: 3 fewer per
+    layer, and the same logits to the bit as the unfused format-4 export, which still loads."""
+    import onnx
+
+    from specdec.export.onnx import _random_tree, graph_logits
+    from specdec.export.onnx_graph import KVShape
+
+    _, folder = exports[arch]
+    manifest, layers = read_manifest(folder), read_manifest(unfused[arch])["layers"]
+    matmuls = {f: sum(n.op_type == "MatMul" for n in onnx.load(str(f / "model.onnx")).graph.node) for f in (folder, unfused[arch])}
+    assert manifest["fused_matmuls"] == 3 * layers == matmuls[unfused[arch]] - matmuls[folder]
+    fused, plain = (OnnxRuntimeBackend.load(str(f), OnnxRuntimeOptions()) for f in (folder, unfused[arch]))
+    shape, gen = KVShape(layers, manifest["kv_heads"], manifest["head_dim"]), torch.Generator().manual_seed(1)
+    for query, past, unused in ((1, 9, 2), (7, 4, 0), (13, 30, 5)):
+        inputs = _random_tree(shape, manifest["vocab_size"], torch.float32, query, past, unused, gen)
+        assert torch.equal(graph_logits(fused, *inputs), graph_logits(plain, *inputs))
+    ar = get_strategy("ar").cls
+    decoder = SpeculativeDecoder(plain, None, ar(ar.Options()), GenerationOptions())
+    assert decoder.generate(PROMPT, max_new_tokens=20).token_ids == hf_greedy(models(arch, 0), PROMPT, 20)
+
+
+def test_gpt2_has_no_sibling_projections(exports):
+    """GPT-2's c_attn already projects q, k and v at once, and its MLP has one input projection."""
+    assert read_manifest(exports["gpt2"][1])["fused_matmuls"] == 0
 
 
 @pytest.mark.parametrize("version", [3, 2])

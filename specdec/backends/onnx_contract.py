@@ -28,8 +28,10 @@ from specdec.backends.clock import ForwardClock, TimedForwards
 from specdec.errors import SpecdecError
 
 MANIFEST = "specdec_export.json"
-FORMAT, FORMAT_VERSION = "specdec-onnx", 4
-READS = (2, 3, 4)  # format versions this specdec loads: 3 is 4 without logit_positions, 2 is 3 without features
+FORMAT, FORMAT_VERSION = "specdec-onnx", 5
+# format versions this specdec loads: 4 is 5 with its sibling projections unfused (the same
+# contract), 3 is 4 without logit_positions, 2 is 3 without features
+READS = (2, 3, 4, 5)
 LOGIT_POSITIONS = "logit_positions"  # format 4: the last input
 CAPACITY_STEP = 256  # the buffers grow by this many slots (growing copies the cache)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

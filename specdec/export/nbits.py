@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from specdec.export.rewrite import load_graph, save_graph
+
 logger = logging.getLogger(__name__)
 
 BLOCK = 32
@@ -95,13 +97,9 @@ def quantize_graph(onnx_path: Path, source: WeightSource, accuracy: str = "float
     for becomes a MatMulNBits over them; one it cannot express stays float, named in a log line
     unless its type is one of `floats`. -> a summary for the manifest: {"accuracy": ...,
     "quantized": {type: count}, "float": {type: count}}."""
-    import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
-        onnx.load_external_data_for_model(model, str(onnx_path.parent))
+    model, external = load_graph(onnx_path)
     graph = model.graph
     quantized, kept = Counter(), Counter()
     nodes, block_sums = [], {}
@@ -140,9 +138,7 @@ def quantize_graph(onnx_path: Path, source: WeightSource, accuracy: str = "float
     graph.initializer.extend(keep)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    for old in onnx_path.parent.glob(f"{onnx_path.name}?*"):  # the float weights' external data
-        old.unlink()
-    onnx.save(model, str(onnx_path), save_as_external_data=bool(external), location=f"{onnx_path.name}.data")
+    save_graph(model, onnx_path, external)
     return {"accuracy": accuracy, "quantized": dict(quantized), "float": dict(kept)}
 
 

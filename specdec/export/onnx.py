@@ -85,6 +85,7 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
         if quantize:
             phases.set_description(f"export {Path(model).name}: quantized weights ({weights})")
             weight_summary = _quantize_weights(partial / "model.onnx", model, weights, activations)
+        fused = _fuse_projections(partial / "model.onnx")
         vocab_map = Path(resolve_source(model, dtype)) / VOCAB_FILE
         if vocab_map.is_file():  # a reduced-vocabulary draft: the map travels with the graph
             shutil.copy(vocab_map, partial / VOCAB_FILE)
@@ -94,7 +95,7 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
         tokenizer = load_tokenizer(model)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
-        (partial / MANIFEST).write_text(json.dumps(_manifest(model, hf, shape, dtype, program, feature_layers, weight_summary), indent=2) + "\n")
+        (partial / MANIFEST).write_text(json.dumps(_manifest(model, hf, shape, dtype, program, feature_layers, weight_summary, fused), indent=2) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         partial.rename(out)
         phases.update()
@@ -122,6 +123,17 @@ def _quantize_weights(path: Path, model: str, weights: str, activations: str) ->
     return {"kind": weights, **quantize_graph(path, source, activations)}
 
 
+def _fuse_projections(path: Path) -> int:
+    """Fuse the float graph's sibling projections (specdec.export.rewrite) -> MatMuls removed."""
+    from specdec.export.rewrite import fuse_sibling_matmuls, load_graph, save_graph
+
+    model, external = load_graph(path)
+    removed = fuse_sibling_matmuls(model)
+    if removed:
+        save_graph(model, path, external)
+    return removed
+
+
 def _load(model: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
@@ -136,7 +148,8 @@ def _load(model: str, dtype: str):
     raise load_error(model, error)
 
 
-def _manifest(model: str, hf, shape: KVShape, dtype: str, program, feature_layers: tuple[int, ...], weights: dict) -> dict:
+def _manifest(model: str, hf, shape: KVShape, dtype: str, program, feature_layers: tuple[int, ...], weights: dict,
+              fused: int) -> dict:
     import onnx
     import transformers
 
@@ -149,6 +162,7 @@ def _manifest(model: str, hf, shape: KVShape, dtype: str, program, feature_layer
         "dtype": dtype, "opset": opset, "inputs": input_names(shape.layers),
         "outputs": output_names(shape.layers, bool(feature_layers)),
         "feature_layers": list(feature_layers), "hidden_size": config.hidden_size, "weights": weights,
+        "fused_matmuls": fused,
         "versions": {"specdec": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "onnx": onnx.__version__},
     }
