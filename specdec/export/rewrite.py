@@ -50,7 +50,7 @@ def fuse_sibling_matmuls(model) -> int:
         if weight is not None and len(weight.dims) == 2:
             siblings[node.input[0]].append(node)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
-    replaced: dict[int, list] = {}  # id(first sibling) -> its replacement nodes; the others -> []
+    replaced: dict[str, list] = {}  # first sibling's output -> its replacement nodes; the others' -> []
     for index, (activation, nodes) in enumerate((key, nodes) for key, nodes in siblings.items() if len(nodes) > 1):
         weights = [numpy_helper.to_array(initializers[node.input[1]]) for node in nodes]  # [K, N_i] each
         name = f"specdec_fused_{index}"
@@ -62,11 +62,11 @@ def fuse_sibling_matmuls(model) -> int:
             split = helper.make_node("Split", [f"{name}.out", f"{name}.split"], outputs, name=f"{name}/Split", axis=-1)
         else:
             split = helper.make_node("Split", [f"{name}.out"], outputs, name=f"{name}/Split", axis=-1, split=sizes)
-        replaced[id(nodes[0])] = [helper.make_node("MatMul", [activation, f"{name}.weight"], [f"{name}.out"], name=name), split]
-        replaced.update({id(node): [] for node in nodes[1:]})
+        replaced[outputs[0]] = [helper.make_node("MatMul", [activation, f"{name}.weight"], [f"{name}.out"], name=name), split]
+        replaced.update({output: [] for output in outputs[1:]})
     if not replaced:
         return 0
-    nodes = [new for node in graph.node for new in replaced.get(id(node), [node])]  # in the first sibling's place
+    nodes = [new for node in graph.node for new in replaced.get(node.output[0], [node])]  # in the first sibling's place
     used = {name for node in nodes for name in node.input} | {output.name for output in graph.output}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.node[:]
