@@ -124,7 +124,7 @@ def _quantize_weights(path: Path, model: str, weights: str, activations: str) ->
 
 
 def _fuse_projections(path: Path) -> int:
-    """Fuse the float graph's sibling projections (specdec.export.rewrite) -> MatMuls removed."""
+    """Fuse the saved graph's sibling projections (specdec.export.rewrite) -> MatMuls removed."""
     from specdec.export.rewrite import fuse_sibling_matmuls, load_graph, save_graph
 
     model, external = load_graph(path)

@@ -1,12 +1,13 @@
 """Rewrites of a saved ONNX export in place: loading and saving it (weights inline, or in one
 external data file for a large model), and fusing sibling projections.
 
-Sibling projections are MatMuls that read the same activation with constant weights of the same
-input size K: a decoder layer's query, key and value projections, and its gate and up projections.
-They become one MatMul over the weights concatenated along N, then a Split into the old outputs.
-Each output element is the same dot product over K as before, so the logits do not change
-(tests/test_export_rewrite.py compares them exactly). On ONNX Runtime's CPU kernels one [K, N1 + N2
-+ N3] product costs less than three, at one row and at eight (SmolLM2-135M, docs/export.md).
+Sibling projections are MatMuls that read the same activation with constant weights: a decoder
+layer's query, key and value projections, and its gate and up projections. They become one MatMul
+over the weights concatenated along N, then a Split into the old outputs. Each output element is
+the same dot product over K as before; on ONNX Runtime's CPU kernels the outputs are equal to the
+bit (tests/test_export_rewrite.py, and tests/test_onnx.py against an unfused export). There one
+[K, N1 + N2 + N3] product costs less than three, at one row and at eight (SmolLM2-135M:
+docs/export.md).
 """
 
 from __future__ import annotations
