@@ -2,9 +2,10 @@
 
 A strategy proposes a DraftTree rooted at the newest emitted token and may adapt after each
 verdict. The draft's cache may lag the emitted text by a few tokens (an accepted leaf that was
-never fed, the bonus token); `TreeDrafter.start` feeds them in the same forward as the root. A draft
-model starts empty (the loop prefills only the target): the first `start` prefills it with the
-context but the root.
+never fed, the bonus token); `TreeDrafter.start` feeds them in the same forward as the root. A
+longer lag is prefilled up to the root first: a draft model starts empty (the loop prefills only
+the target), so the first `start` prefills it with the context but the root, and a strategy that
+skipped drafting for some steps (`auto`) catches up the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from specdec.backends.base import Backend
 from specdec.costs import CostModel
 from specdec.errors import SpecdecError
 from specdec.sampling import Random, Warp, warp_probs
-from specdec.strategies.budget import Planner
+from specdec.strategies.budget import STEADY_LAG, Planner
 from specdec.tree import DraftTree, Verdict
 
 
@@ -115,12 +116,15 @@ class TreeDrafter:
 
     def start(self) -> torch.Tensor:
         """Feed the tokens the draft has not seen, ending with the root -> the root's
-        distribution [V] (see `distributions`)."""
+        distribution [V] (see `distributions`). A lag longer than a drafting step's (the draft's
+        first step, or a catch-up after skipped steps) is prefilled up to the root, so that the
+        draft computes logits for its last token only, and in a batch the other rows' draft round
+        is not padded to its length."""
         committed = self.draft.committed_len
         lag = self.ctx.tokens[committed:]
-        if committed == 0 and len(lag) > 1:  # a draft model's first step: prefill it with all but the root
+        if len(lag) > STEADY_LAG or (committed == 0 and len(lag) > 1):
             lockstep.model_call(self.draft.prefill, torch.tensor([lag[:-1]], dtype=torch.long))
-            committed, lag = len(lag) - 1, lag[-1:]
+            committed, lag = committed + len(lag) - 1, lag[-1:]
         ids = torch.tensor([lag], dtype=torch.long)
         positions = torch.arange(committed, committed + len(lag))[None]
         causal = torch.ones(len(lag), len(lag), dtype=torch.bool).tril_()[None]
