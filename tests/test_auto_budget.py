@@ -428,3 +428,26 @@ def test_bad_budgets_give_one_clear_line(name, options, message):
     with pytest.raises(SpecdecError) as info:
         resolve_strategy(name, **options)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("seen, calls", [(3, [("prefill", 5), ("forward", 1)]), (7, [("forward", 2)])])
+def test_a_draft_lag_longer_than_a_steps_is_prefilled_up_to_the_root(seen, calls, models):
+    """After steps that did not draft, `TreeDrafter.start` prefills the lag but the root (the draft
+    keeps one position's logits) and feeds the root alone; a drafting step's own lag (an unfed
+    leaf and the root) still goes in one forward. The root's distribution is the same either way."""
+    from specdec.strategies.base import TreeDrafter
+
+    tokens = [3, 17, 42, 8, 60, 5, 9, 11, 30]  # the draft has seen the first `seen`
+    draft, reference = PyTorchBackend(models("llama", 0)), PyTorchBackend(models("llama", 0))
+    for backend in (draft, reference):
+        backend.prefill(torch.tensor([tokens[:seen]]))
+    made = []
+    prefill, forward = draft.prefill, draft.forward
+    draft.prefill = lambda ids: made.append(("prefill", ids.shape[1])) or prefill(ids)
+    draft.forward = lambda ids, positions, mask: made.append(("forward", ids.shape[1])) or forward(ids, positions, mask)
+    probs = TreeDrafter(draft, DraftContext(tokens, 5, 3, Warp(), Random(0))).start()  # [V]
+    assert made == calls and draft.committed_len + draft.pending_len == len(tokens)
+    lag = len(tokens) - seen
+    logits = reference.forward(torch.tensor([tokens[seen:]]), torch.arange(seen, len(tokens))[None],
+                               torch.ones(lag, lag, dtype=torch.bool).tril_()[None])[0, -1]  # [V]: one forward over the lag
+    torch.testing.assert_close(probs, logits.float().softmax(-1), rtol=1e-4, atol=1e-6)
