@@ -176,7 +176,7 @@ def unfused(exports, tmp_path_factory):
 
     out = {}
     for arch in ("llama", "qwen2"):
-        with mock.patch("specdec.export.onnx._fuse_projections", return_value=0):
+        with mock.patch("specdec.export.onnx.fuse_sibling_matmuls", return_value=0):
             folder = export_onnx(str(exports[arch][0]), tmp_path_factory.mktemp("v4") / arch)
         manifest = json.loads((folder / MANIFEST).read_text())
         manifest["format_version"] = 4

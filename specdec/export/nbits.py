@@ -18,11 +18,8 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-
-from specdec.export.rewrite import load_graph, save_graph
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +89,13 @@ def round_to_nearest(weight_t: np.ndarray, bits: int) -> Blocks:
 WeightSource = Callable[[np.ndarray], "tuple[str, Blocks | None, str] | None"]
 
 
-def quantize_graph(onnx_path: Path, source: WeightSource, accuracy: str = "float32", floats: tuple[str, ...] = ()) -> dict:
-    """Rewrite the graph at `onnx_path` in place: each MatMul whose weight `source` gives blocks
+def quantize_graph(model, source: WeightSource, accuracy: str = "float32", floats: tuple[str, ...] = ()) -> dict:
+    """Rewrite the graph of `model` (a ModelProto with its weights loaded) in place: each MatMul whose weight `source` gives blocks
     for becomes a MatMulNBits over them; one it cannot express stays float, named in a log line
     unless its type is one of `floats`. -> a summary for the manifest: {"accuracy": ...,
     "quantized": {type: count}, "float": {type: count}}."""
     from onnx import helper
 
-    model, external = load_graph(onnx_path)
     graph = model.graph
     quantized, kept = Counter(), Counter()
     nodes, block_sums = [], {}
@@ -138,7 +134,6 @@ def quantize_graph(onnx_path: Path, source: WeightSource, accuracy: str = "float
     graph.initializer.extend(keep)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    save_graph(model, onnx_path, external)
     return {"accuracy": accuracy, "quantized": dict(quantized), "float": dict(kept)}
 
 

@@ -15,6 +15,7 @@ from specdec import __version__
 from specdec.backends.onnx_contract import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest
 from specdec.errors import SpecdecError
 from specdec.export.onnx_graph import KVShape, TreeMaskGraph, dynamic_shapes, example_inputs, input_names, output_names
+from specdec.export.rewrite import fuse_sibling_matmuls, load_graph, save_graph
 from specdec.models import context_limit, load_error, load_tokenizer, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -81,11 +82,14 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
         phases.set_description(f"export {Path(model).name}: save")
         large = sum(p.numel() * p.element_size() for p in hf.parameters()) > 1 << 30
         program.save(str(partial / "model.onnx"), external_data=large)
+        graph, external = load_graph(partial / "model.onnx")
         weight_summary = {"kind": "float"}
         if quantize:
             phases.set_description(f"export {Path(model).name}: quantized weights ({weights})")
-            weight_summary = _quantize_weights(partial / "model.onnx", model, weights, activations)
-        fused = _fuse_projections(partial / "model.onnx")
+            weight_summary = _quantize_weights(graph, model, weights, activations)
+        fused = fuse_sibling_matmuls(graph)
+        if quantize or fused:
+            save_graph(graph, partial / "model.onnx", external)
         vocab_map = Path(resolve_source(model, dtype)) / VOCAB_FILE
         if vocab_map.is_file():  # a reduced-vocabulary draft: the map travels with the graph
             shutil.copy(vocab_map, partial / VOCAB_FILE)
@@ -105,8 +109,8 @@ def export_onnx(model: str, out: Path, dtype: str = "float32", opset: int | None
     return out
 
 
-def _quantize_weights(path: Path, model: str, weights: str, activations: str) -> dict:
-    """The graph's MatMul weights as MatMulNBits blocks: a GGUF file's own ("auto"), or rounded to
+def _quantize_weights(graph, model: str, weights: str, activations: str) -> dict:
+    """The MatMul weights of `graph` (a loaded ModelProto) as MatMulNBits blocks: a GGUF file's own ("auto"), or rounded to
     nearest from the float weights ("int4", "int8") -> the manifest's `weights` entry."""
     from specdec.export.nbits import BLOCK, quantize_graph, round_to_nearest
 
@@ -114,24 +118,13 @@ def _quantize_weights(path: Path, model: str, weights: str, activations: str) ->
         from specdec.export.gguf_weights import FLOAT_TYPES, GgufWeights
 
         source = GgufWeights(Path(model).expanduser()).find
-        return {"kind": "gguf", **quantize_graph(path, source, activations, floats=FLOAT_TYPES)}
+        return {"kind": "gguf", **quantize_graph(graph, source, activations, floats=FLOAT_TYPES)}
     bits = int(weights[3:])
 
     def source(weight_t):
         return ("", round_to_nearest(weight_t, bits), weights) if weight_t.shape[1] % BLOCK == 0 else None
 
-    return {"kind": weights, **quantize_graph(path, source, activations)}
-
-
-def _fuse_projections(path: Path) -> int:
-    """Fuse the saved graph's sibling projections (specdec.export.rewrite) -> MatMuls removed."""
-    from specdec.export.rewrite import fuse_sibling_matmuls, load_graph, save_graph
-
-    model, external = load_graph(path)
-    removed = fuse_sibling_matmuls(model)
-    if removed:
-        save_graph(model, path, external)
-    return removed
+    return {"kind": weights, **quantize_graph(graph, source, activations)}
 
 
 def _load(model: str, dtype: str):
