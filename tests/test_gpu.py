@@ -1,7 +1,8 @@
 """The PyTorch backend on a CUDA GPU (every test marked `gpu`: skipped without one).
 
 - Greedy output of every built-in strategy is the target's own greedy decoding, on the demo pair in
-  float32, bfloat16 and float16, and with both models replayed as CUDA graphs (float32, bfloat16).
+  float32, bfloat16 and float16, and with both models replayed as CUDA graphs (float32, bfloat16);
+  each row of a batch decodes as its sequence alone, with and without graphs.
 - A tree forward equals per-path forwards; sampled output follows the target's distribution exactly
   (every outcome enumerated); a target step does not wait for the GPU before its verdict; forwards are
   timed with CUDA events.
@@ -142,6 +143,22 @@ def test_greedy_output_is_the_targets_own_with_cuda_graphs(label, dtype):
     assert decoder.target.fixed.replays > 0 and decoder.target.fixed.capture
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("label", ["ar", "chain", "dyspec", "chain_auto"])
+def test_greedy_batch_is_each_sequence_alone_on_cuda(label, graphs):
+    """float32: 6 prompts of different lengths through 4 rows (rows join, leave and run padding
+    rows, at (rows, Q) buckets replayed as graphs with `graphs`); each row decodes as its sequence
+    alone, up to a near-tie (a batch's matrix products may sum in another order)."""
+    name, options = GREEDY[label]
+    decoder = demo_decoder("float32", name, fixed_context=GRAPH_CONTEXT if graphs else None, **options)
+    prompts = [prompt_ids(i % len(PROMPTS))[: 3 + 4 * i] for i in range(6)]
+    alone = [decoder.generate(p, max_new_tokens=48, ignore_eos=True).token_ids for p in prompts]
+    batched = decoder.generate_batch(prompts, batch_size=4, max_new_tokens=48, ignore_eos=True)
+    for prompt, want, got in zip(prompts, alone, batched):
+        top = plain_logits(demo("float32")[0].model, prompt + want)[len(prompt) - 1 : -1].topk(2, dim=-1)  # [n, 2]
+        assert_same_greedy(got.token_ids, want, (top.values[:, 0] - top.values[:, 1]).tolist(), TIE["float32"])
+
+
 @pytest.mark.parametrize("fixed_context", [None, 96])
 @pytest.mark.parametrize("arch, dtype", [(arch, "float32") for arch in ARCHS] + [("llama", "bfloat16"), ("llama", "float16")])
 def test_tree_forward_matches_per_path_forwards_on_cuda(arch, dtype, fixed_context, models):
@@ -220,7 +237,7 @@ def test_a_target_step_waits_for_the_gpu_only_at_the_verdict(graphs):
         torch.cuda.set_sync_debug_mode("default")
     assert logits.is_cuda and target.committed_len == len(prompt_ids(0)) + 2 * len(path_to(8))
     if graphs:  # every bucket was captured after the prompt; both steps were replays
-        assert sorted(target.fixed.shapes) == list(BUCKETS) and all(s.graph for s in target.fixed.shapes.values())
+        assert sorted(target.fixed.shapes) == [(1, b) for b in BUCKETS] and all(s.graph for s in target.fixed.shapes.values())
         assert target.fixed.replays == 2
 
 

@@ -8,6 +8,9 @@ same inputs, padding, slot writes and whole-buffer masks that CUDA graphs replay
 - a forward too close to the end of the buffer to pad runs at its own length;
 - with CUDA's graph API faked, every bucket is captured after the prompt and every step forward
   is a replay; a failed capture is one line;
+- in a batch, forwards run at (row, query) buckets over one fixed buffer: each row decodes as its
+  sequence alone (greedy), a row's samples follow the target exactly, and with the graph API faked
+  every batched step forward is a replay;
 - `cuda_graphs` without a CUDA device is refused in one line, before any weights load;
 - the GPU bench configs that measure the graphs (docs/gpu.md) load, with graphs where named.
 """
@@ -19,7 +22,9 @@ import pytest
 import torch
 
 from helpers import hf_greedy, make_decoder
-from specdec.backends.graphs import BUCKETS, HEADROOM, FixedShapes
+import specdec.batch
+from specdec.backends.batched import BatchedPyTorch
+from specdec.backends.graphs import BUCKETS, HEADROOM, FixedShapes, row_buckets
 from specdec.backends.pytorch import PyTorchBackend, PyTorchOptions
 from specdec.config import load_config
 from specdec.errors import SpecdecError
@@ -27,6 +32,8 @@ from specdec.tree import ancestor_mask, depths_from_parents
 from test_backend_pytorch import PARENTS, path_to, reference_logits
 from test_cli import run_cli
 from test_gpu import SAMPLED, assert_sampled_exactly
+from test_batch import STRATEGIES as BATCH_STRATEGIES
+from test_batch import batched_row_distribution, exact_first_tokens, stopped_early, tiny_pair
 from test_strategies_greedy import NEW_TOKENS, PROMPT, STRATEGIES
 
 CONTEXT = 288  # slots: the prompt, 205 new tokens and the 64 slots of headroom, with room to pad most trees
@@ -46,7 +53,7 @@ def test_greedy_output_is_the_targets_own_at_fixed_shapes(label, models, drafts,
     out = decoder.generate(PROMPT, max_new_tokens=NEW_TOKENS)
     assert out.token_ids == reference
     used = set(decoder.target.fixed.shapes) | set(decoder.draft.fixed.shapes)
-    assert used <= set(BUCKETS) and len(used) >= 2, used
+    assert used <= {(1, b) for b in BUCKETS} and len(used) >= 2, used
 
 
 @pytest.mark.parametrize("label", list(SAMPLED))
@@ -76,7 +83,7 @@ class FakeCuda:
                 shape.logits.copy_(call(fixed, shape))
 
         @contextlib.contextmanager
-        def capture(graph, stream=None):
+        def capture(graph, pool=None, stream=None):
             if self.fail:
                 raise RuntimeError(self.fail)
             self.capturing = graph
@@ -87,6 +94,7 @@ class FakeCuda:
         monkeypatch.setattr(FixedShapes, "_call", recording_call)
         for name, value in {"CUDAGraph": Graph, "graph": capture, "Stream": lambda device: stream(),
                             "current_stream": lambda device: stream(), "stream": lambda s: contextlib.nullcontext(),
+                            "graph_pool_handle": lambda: ("pool",),
                             "device": lambda d: contextlib.nullcontext()}.items():
             monkeypatch.setattr(torch.cuda, name, value)
 
@@ -101,7 +109,8 @@ def test_every_step_forward_is_a_replay_once_the_prompt_is_in(label, models, dra
     out = decoder.generate(PROMPT, max_new_tokens=NEW_TOKENS)
     assert out.token_ids == reference
     for backend in (decoder.target, decoder.draft):
-        assert sorted(backend.fixed.shapes) == list(BUCKETS) and all(s.graph for s in backend.fixed.shapes.values())
+        assert sorted(backend.fixed.shapes) == [(1, b) for b in BUCKETS]
+        assert all(s.graph for s in backend.fixed.shapes.values())
         assert backend.fixed.replays == backend.forward_calls > 0  # no step forward ran eagerly
 
 
@@ -128,7 +137,7 @@ def test_padding_entries_leave_no_trace(models):
     prompt = list(range(5, 17))
     backend.prefill(torch.tensor([prompt]))
     forward(backend, [30, 31, 32], torch.tensor([-1, 0, 0]))
-    assert list(backend.fixed.shapes) == [4]
+    assert list(backend.fixed.shapes) == [(1, 4)]
     backend.commit([0, 2])
     history = prompt + [30, 32]
     for token in (7, 8):
@@ -138,7 +147,7 @@ def test_padding_entries_leave_no_trace(models):
         history.append(token)
     logits = forward(backend, [9, 10, 11, 12, 13], torch.tensor([-1, 0, 1, 2, 3]))  # a chain: bucket 8
     torch.testing.assert_close(logits[-1], reference_logits(model, history + [9, 10, 11, 12, 13]), atol=1e-5, rtol=1e-5)
-    assert sorted(backend.fixed.shapes) == [1, 4, 8]
+    assert sorted(backend.fixed.shapes) == [(1, 1), (1, 4), (1, 8)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -171,7 +180,8 @@ def test_a_forward_without_room_to_pad_runs_at_its_own_length(models):
         torch.testing.assert_close(logits[node], want, atol=1e-5, rtol=1e-5)
     assert backend.max_length == 72 - HEADROOM  # the loop keeps a step's forwards inside the buffer
     with pytest.raises(SpecdecError, match="a forward of 4 tokens after 69 cached entries overflows the 72-slot KV buffer"):
-        forward(backend, [1, 2, 3, 4], torch.tensor([-1, 0, 1, 2]))  # a direct caller past the context
+        # a direct caller past the context: 4 queries seeing the 9 pending entries and themselves
+        backend.forward(torch.tensor([[1, 2, 3, 4]]), torch.arange(69, 73)[None], torch.ones(1, 4, 13, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("name, options", [("static_tree", {"branching": [3, 2, 1]}), ("dyspec", {"max_nodes": 24})])
@@ -183,6 +193,76 @@ def test_wide_trees_at_the_end_of_the_context_fit_in_the_buffer(name, options, m
     new_tokens = decoder.target.max_length - len(prompt)  # up to the last position of the context
     out = decoder.generate(prompt, max_new_tokens=new_tokens)
     assert out.token_ids == hf_greedy(models("llama", 0), prompt, new_tokens)
+
+
+def batches_made(monkeypatch) -> list[BatchedPyTorch]:
+    """Every batched pytorch backend (target and draft rows) that the batched loop makes."""
+    made = []
+
+    class Recorded(BatchedPyTorch):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(specdec.batch, "BatchedPyTorch", Recorded)
+    return made
+
+
+def test_row_buckets_are_powers_of_two_below_the_rows_and_the_rows():
+    assert row_buckets(1) == (1,) and row_buckets(2) == (1, 2)
+    assert row_buckets(6) == (1, 2, 4, 6) and row_buckets(8) == (1, 2, 4, 8)
+
+
+@pytest.mark.parametrize("label", ["ar", "chain", "dyspec", "gsd"])
+def test_greedy_batch_at_fixed_shapes_equals_each_sequence_alone(label, models, drafts, monkeypatch):
+    """6 prompts through 3 rows (row buckets 1, 2, 3): rows join, leave and skip draft rounds, so
+    calls run padding rows past the rows they serve."""
+    name, options = BATCH_STRATEGIES[label]
+    draft = drafts("llama", "perturbed") if name != "ar" else None
+    decoder = make_decoder(models("llama", 0), draft, name, fixed_context=CONTEXT, **options)
+    made = batches_made(monkeypatch)
+    alone, batched, _ = stopped_early(decoder, 3)
+    assert batched == alone
+    assert len(made) == (1 if draft is None else 2)
+    for batch in made:
+        assert {rows for rows, _ in batch.fixed.shapes} == {1, 2, 3}, sorted(batch.fixed.shapes)
+        assert {query for _, query in batch.fixed.shapes} <= set(BUCKETS)
+        assert batch.buffers()[0].shape[2] == CONTEXT  # one fixed buffer, never grown
+
+
+def test_sampled_rows_of_a_batch_at_fixed_shapes_have_exactly_the_targets_distribution():
+    from specdec.sampling import Warp
+
+    target, draft = tiny_pair()
+    decoder = make_decoder(target, draft, "chain", fixed_context=128, k=2)
+    prompt, length = [1, 3, 0, 2], 3
+    got = batched_row_distribution(decoder, prompt, length, 1.0, 2)
+    want = exact_first_tokens(target, prompt, length, Warp(1.0, top_k=2))
+    assert sum(got.values()) == pytest.approx(1.0)
+    assert max(abs(got.get(s, 0.0) - p) for s, p in want.items()) < 1e-5
+
+
+def test_every_batched_step_forward_is_a_replay_once_a_prompt_is_in(models, drafts, monkeypatch):
+    FakeCuda(monkeypatch)
+    decoder = make_decoder(models("llama", 0), drafts("llama", "perturbed"), "dyspec", fixed_context=CONTEXT,
+                           **BATCH_STRATEGIES["dyspec"][1])
+    for backend in (decoder.target, decoder.draft):
+        backend.fixed.capture = True  # what a CUDA device sets
+    made = batches_made(monkeypatch)
+    runs = {}
+    run = FixedShapes.run
+
+    def counted(fixed, *args, **kwargs):
+        runs[fixed] = runs.get(fixed, 0) + 1
+        return run(fixed, *args, **kwargs)
+
+    monkeypatch.setattr(FixedShapes, "run", counted)
+    alone, batched, _ = stopped_early(decoder, 4)
+    assert batched == alone
+    for batch in made:  # a batch's prefills run eagerly, outside `run`; every step forward replays
+        assert sorted(batch.fixed.shapes) == [(rows, b) for rows in (1, 2, 4) for b in BUCKETS]
+        assert all(s.graph for s in batch.fixed.shapes.values())
+        assert batch.fixed.replays == runs[batch.fixed] > 0
 
 
 def test_cuda_graphs_need_a_cuda_device(model_dirs, monkeypatch):

@@ -13,7 +13,10 @@ of several rows as one model call; `BatchedPyTorch` runs it on a pytorch model (
   attention as a view, never gathered; a row below k without a forward gets padding queries. The
   batched loop keeps its sequences in the lowest rows (`move_row`), so a draining batch costs what
   its running rows cost.
-A prefill (a sequence joining its row) runs alone on that row's view of the buffer.
+A prefill (a sequence joining its row) runs alone on that row's view of the buffer. With
+`cuda_graphs` (specdec/backends/graphs.py) the buffer has a fixed capacity, every call attends over
+all of it, and a call over k rows runs over the smallest row bucket of at least k rows at a
+bucketed Q, so that each (rows, Q) bucket replays as one CUDA graph.
 
 Example (2 rows; row 0 has 5 committed and a 3-node tree, row 1 has 2 committed and 1 query):
 Q = 3, S = 8; row 1's queries 1 and 2 are padding at slots 3 and 4, each seeing only itself.
@@ -29,29 +32,32 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from specdec import lockstep
 from specdec.backends.base import Backend, BackendOptions
 from specdec.backends.clock import ForwardClock
+from specdec.backends.graphs import FixedShapes
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.errors import SpecdecError
 from specdec.features import LayerInputs
 
 
 class _RowsLayer(CacheLayerMixin):
-    """One layer's KV for every row: [B, H_kv, capacity, D], grown geometrically. Each model call
-    first sets `select` (the rows it runs), `slots` [n, Q] (where each row's new entries go) and
-    `end` (the slots attention reads)."""
+    """One layer's KV for every row: [B, H_kv, capacity, D], grown geometrically (or allocated
+    once at a fixed `capacity`: specdec.backends.graphs). Each model call first sets `select` (the
+    rows it runs), `slots` [n, Q] (where each row's new entries go) and `end` (the slots attention
+    reads)."""
 
     is_sliding = False
 
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, capacity: int | None = None):
         super().__init__()
-        self.rows = rows
+        self.rows, self.capacity = rows, capacity
         self.select = slice(0, rows)
         self.slots: torch.Tensor | None = None
         self.end = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self._keys = key_states.new_zeros(self.rows, key_states.shape[1], 0, key_states.shape[-1])
-        self._values = value_states.new_zeros(self.rows, value_states.shape[1], 0, value_states.shape[-1])
+        size = self.capacity or 0
+        self._keys = key_states.new_zeros(self.rows, key_states.shape[1], size, key_states.shape[-1])
+        self._values = value_states.new_zeros(self.rows, value_states.shape[1], size, value_states.shape[-1])
         self.is_initialized = True
 
     def _reserve(self, needed: int) -> None:
@@ -69,12 +75,16 @@ class _RowsLayer(CacheLayerMixin):
         """key_states, value_states [n, H_kv, Q, D] -> the selected rows' keys, values [n, H_kv, end, D]."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._reserve(max(self.end, int(self.slots.max()) + 1))
+        if self.capacity is None:  # a fixed buffer never grows (and a captured graph cannot ask slots.max())
+            self._reserve(max(self.end, int(self.slots.max()) + 1))
         rows = torch.arange(self.select.start, self.select.stop, device=self.device)[:, None]  # [n, 1]
         self._keys[rows, :, self.slots] = key_states.transpose(1, 2)  # [n, Q, H_kv, D]
         self._values[rows, :, self.slots] = value_states.transpose(1, 2)
         return self._keys[self.select, :, : self.end], self._values[self.select, :, : self.end]
 
+    def bind(self, slots: torch.Tensor, capacity: int) -> None:
+        """Fixed shapes: the next call runs rows 0 .. k - 1 at slots [k, Qb] over the whole buffer."""
+        self.select, self.slots, self.end = slice(0, slots.shape[0]), slots, capacity
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.end, 0
@@ -120,7 +130,7 @@ class BatchedRows(ABC):
         """{row: (input_ids, position_ids [1, Q_b], mask [1, Q_b, S_b + Q_b])} -> {row: logits [Q_b, V]}
         from one model call over rows 0 .. max(requests); each row's Q_b entries become pending,
         as `Backend.forward` would."""
-        span = max(requests) + 1
+        span = self._span(max(requests) + 1)
         query = max(ids.shape[1] for ids, _, _ in requests.values())
         used = [row.committed_len + row.pending_len for row in self.rows[:span]]
         ids = torch.zeros(span, query, dtype=torch.long)  # [k, Q]
@@ -154,6 +164,10 @@ class BatchedRows(ABC):
                 row.features = features[b, : row_ids.shape[1]]  # [Q_b, F]
         return out
 
+    def _span(self, rows: int) -> int:
+        """Rows a call over rows 0 .. rows - 1 runs (a subclass may pad them to a fixed shape)."""
+        return rows
+
     @torch.inference_mode()
     def keep(self, index: int, keep: list[int], start: int) -> None:
         """In row `index`, move the entries at start + keep[i] to slots start .. start + len(keep) - 1."""
@@ -182,22 +196,30 @@ class BatchedPyTorch(BatchedRows):
     """`rows` sequences over the model of a pytorch backend (its weights are shared, not copied)."""
 
     def __init__(self, backend: PyTorchBackend, rows: int):
-        if backend.fixed is not None:
-            raise SpecdecError("batched decoding does not run with cuda_graphs yet; set cuda_graphs: false")
         self.model, self.device, self.dtype = backend.model, backend.device, backend.dtype
         self.cache_argument = backend.cache_argument
         self.feature_layers = backend._feature_layers  # an EAGLE-3 draft reads the inputs of these layers
         self.layer_inputs = LayerInputs.of(self.model)
-        self.cache = Cache(layers=[_RowsLayer(rows) for _ in range(backend.num_layers)])
+        capacity = backend.fixed.capacity if backend.fixed is not None else None  # cuda_graphs: fixed shapes
+        self.cache = Cache(layers=[_RowsLayer(rows, capacity) for _ in range(backend.num_layers)])
+        self.fixed = None if capacity is None else FixedShapes(self.model, self.cache, self.cache_argument, capacity,
+                                                               backend.fixed.capture, rows)
         self.clock = ForwardClock(self.device)
         super().__init__(backend, rows)
 
     def buffers(self) -> list[torch.Tensor]:
         return [t for layer in self.cache.layers if layer.is_initialized for t in (layer._keys, layer._values)]
 
+    def _span(self, rows: int) -> int:
+        """With fixed shapes, the smallest row bucket of at least `rows` rows (the rows past them
+        get padding queries only)."""
+        return rows if self.fixed is None else next(bucket for bucket in self.fixed.row_buckets if bucket >= rows)
+
     def _call(self, span, ids, positions, used, visible):
         """The new entries of row b sit right after its own: the [k, 1, Q, S] additive mask puts
         each row's columns of `visible` at its slots, S = max(used) + Q."""
+        if self.fixed is not None:
+            return self.fixed.run(ids, positions, used, visible), None
         query, width = ids.shape[1], max(used)
         additive = torch.full((span, 1, query, width + query), torch.finfo(self.dtype).min, dtype=self.dtype)
         for b in range(span):
@@ -213,6 +235,10 @@ class BatchedPyTorch(BatchedRows):
         causal = torch.ones(length, length, dtype=torch.bool).tril_()
         additive[0, 0, :, start:].masked_fill_(~causal, torch.finfo(self.dtype).min)
         logits, features = self._run(slice(index, index + 1), input_ids, slots, additive, slots, start + length, 1)
+        if self.fixed is not None:
+            used = [row.committed_len + row.pending_len for row in self.rows]
+            used[index] = start + length
+            self.fixed.capture_all(used)
         return logits[:, -1], None if features is None else features[0]
 
     def _run(self, select: slice, ids, positions, additive, slots, end: int, logits_to_keep: int):

@@ -98,7 +98,7 @@ class PyTorchBackend(TimedForwards, Backend):
         self._committed += length
         self._pending = 0
         if self.fixed is not None:
-            self.fixed.capture_all(self._committed)
+            self.fixed.capture_all([self._committed])
         return logits[:, -1]
 
     @torch.inference_mode()
@@ -127,9 +127,12 @@ class PyTorchBackend(TimedForwards, Backend):
     def _run_model(self, input_ids, position_ids, mask, logits_to_keep: int) -> torch.Tensor:
         """Inputs may be on the host: they are copied without waiting for the device (from pageable
         memory the copy stages the data before returning, so the caller may reuse it)."""
-        if self.fixed is not None:
-            return self.fixed.run(input_ids, position_ids, mask, self._committed, self._committed + self._pending, logits_to_keep)
         query_len = input_ids.shape[1]
+        if self.fixed is not None:
+            used = self._committed + self._pending
+            visible = torch.ones(1, query_len, used + query_len, dtype=torch.bool, device=mask.device)  # [1, Q, used + Q]
+            visible[:, :, self._committed :] = mask
+            return self.fixed.run(input_ids, position_ids, [used], visible, logits_to_keep)
         visible = self._committed + self._pending + query_len
         blocked = ~mask.to(self.device, non_blocking=True)  # [1, Q, S + Q]
         additive = torch.zeros(1, 1, query_len, visible, dtype=self.dtype, device=self.device)
@@ -222,6 +225,10 @@ class _BufferLayer(CacheLayerMixin):
         self.keys = self._keys[..., :end, :]
         self.values = self._values[..., :end, :]
         return self.keys, self.values
+
+    def bind(self, slots: torch.Tensor, capacity: int) -> None:
+        """Fixed shapes: the next update writes at slots [1, Qb] (specdec.backends.graphs)."""
+        self.slots = slots[0]
 
     def move(self, index: torch.Tensor, start: int) -> None:
         """Copy the entries at `index` [n] to positions start .. start + n - 1."""
