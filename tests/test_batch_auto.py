@@ -14,7 +14,7 @@ import specdec.costs
 from helpers import hf_greedy
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.config import GenerationOptions
-from specdec.costs import RECENT_STEPS, CostModel, Curve, Surface, load_or_measure_surface, row_counts
+from specdec.costs import RECENT_STEPS, CostModel, Curve, Pooled, Surface, load_or_measure_surface, row_counts
 from specdec.decode import Sequence
 from specdec.decoder import SpeculativeDecoder
 from specdec.plugins import get_strategy
@@ -273,6 +273,55 @@ def test_drafted_steps_are_weighed_by_their_time_not_by_their_median():
             planner.begin(100)
         planner.load.settle(costs, tokens, seconds, nodes=planner.nodes)
     assert costs.payoff[1].value == pytest.approx(8 / 100 / 0.048) and planner.skip == 0 and planner.backoff == 1
+
+
+def test_a_start_that_found_no_node_counts_as_a_drafted_step():
+    """Its draft forward cost time all the same: after plain steps of one row at 100 tok/s, a
+    step that ran the draft, found nothing and emitted its one token in 12 ms joins the drafted
+    steps at 0.83x plain decoding."""
+    costs = CostModel(curve(0.010, 0.011), curve(0.002, 0.002))
+
+    def step(tokens: int, seconds: float, start: bool) -> Planner:
+        planner = Planner(costs)
+        planner.load = Load(rows=1, context=100, waiting={planner})
+        if start:
+            assert planner.start(100, 1)
+            planner.end()  # no node paid: it backs off itself
+        else:
+            planner.begin(100)
+        planner.load.settle(costs, tokens, seconds, nodes=0)
+        return planner
+
+    step(1, 0.010, start=False)
+    planner = step(1, 0.012, start=True)
+    assert costs.plain[1].value == pytest.approx(100.0) and costs.payoff[1].value == pytest.approx(0.010 / 0.012)
+    assert (planner.skip, planner.backoff) == (1, 2)  # backed off once, by `end`, not again by `settle`
+
+
+def test_a_new_sequence_does_not_prefill_a_draft_whose_steps_have_been_losing():
+    """A sequence's first start prefills the draft over its whole prompt (here 200 entries,
+    40 ms). Before anything is learned, or while the decoder's drafted steps of this batch size
+    pay, the prefill is taken to serve the steps after it: a sure first node pays a steady start
+    (2 entries). While they run below plain decoding, the first start must pay for the whole lag,
+    which no node can: the new sequence backs off without a draft forward. A sequence whose draft
+    is already fed starts as before, and so does one decoding alone."""
+    costs = CostModel(curve(0.010, 0.011), curve(0.002, 0.040, queries=(1, 200)))
+
+    def start(lag: int, planner: Planner | None = None, rows: int | None = 1) -> tuple[bool, Planner]:
+        planner = planner or Planner(costs)
+        planner.load = None if rows is None else Load(rows=rows, context=200, waiting={planner})
+        return planner.start(200, lag), planner
+
+    assert start(200)[0]  # nothing learned yet
+    fed = start(200)[1]
+    costs.payoff[1] = Pooled(1.0)
+    costs.payoff[1].add(0.8, 1.0)  # drafted steps of one row ran at 0.8x plain decoding
+    started, new = start(200)
+    assert not started and new.rounds == [] and (new.skip, new.backoff) == (1, 2)
+    assert start(2, fed)[0]  # its draft is fed: a steady start
+    assert start(200, rows=None)[0]  # alone: what batches learn stays out of it
+    costs.payoff[1].add(2.0, 1.0)  # together 1.4x: paying
+    assert start(200)[0]
 
 
 def test_every_batch_over_one_decoder_learns_into_the_same_records(models, monkeypatch):

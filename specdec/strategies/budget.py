@@ -41,7 +41,11 @@ and the rows that drafted back off while the drafted steps run below them.
 
 The start forward is priced at the entries a drafting sequence feeds each step (at most
 `STEADY_LAG`: an unfed leaf and the root); the catch-up of a longer lag after skipped steps, or the
-first prefill, is paid once and serves the steps after it. A step in a batch starts drafting when a
+first prefill, is paid once and serves the steps after it. Not so a sequence's first start (the
+draft's prefill over the whole prompt) while the decoder's drafted steps of this batch size have
+run below plain decoding (`costs.payoff`, learned by `Load.settle`): there the prefill serves
+steps that lose, so the first start must pay for the whole lag, and a new sequence does not pay
+the prefill and first probes of a draft that has not been paying. A step in a batch starts drafting when a
 first node of the draft's recent top probability would pay; otherwise it backs off, and probes once
 the backoff is full if a sure first node could pay for catching the draft up over the whole lag: a
 probe that finds nothing has paid that catch-up for nothing. A sequence decoding alone (or the last
@@ -100,24 +104,25 @@ class Load:
         """After the step, which emitted `tokens` in `seconds` with trees of up to `nodes` nodes:
         each row decided on its peers adding what it added, so together they may have lost.
         A step without draft forwards joins the recent plain steps of this many rows
-        (`costs.plain`, their tokens per second). A drafted step joins the recent drafted steps of
-        this many rows (`costs.payoff`: the seconds plain decoding would have taken for their
-        tokens, at its rate then, over the seconds they took; before any plain step, one token a
-        row in a target forward of t(B, 1) and the loop's work per row, as learned, stand in for
-        that rate). While that ratio is below 1 every row that drafted backs off as if it had
-        found nothing, else it drafts the next step."""
+        (`costs.plain`, their tokens per second). A drafted step (any draft forward, whether or
+        not it found a node: a start that found none cost its forward all the same) joins the
+        recent drafted steps of this many rows (`costs.payoff`: the seconds plain decoding would
+        have taken for their tokens, at its rate then, over the seconds they took; before any
+        plain step, one token a row in a target forward of t(B, 1) and the loop's work per row,
+        as learned, stand in for that rate). While that ratio is below 1 every row that drafted
+        nodes backs off as if it had found nothing (a row that found none has backed off
+        already), else it drafts the next step."""
         plain = costs.plain.setdefault(self.rows, Pooled(0.0))
         if nodes == 0 and not any(self.rounds):
             plain.add(tokens, seconds)
             return
-        drafted = [planner for planner in self.begun if planner.rounds and planner.nodes]
-        if not drafted:
+        if not any(planner.rounds for planner in self.begun):  # lookup nodes only: no draft forward
             return
         rate = plain.value if plain.seen else self.rows / (
             costs.target_seconds(1, self.context, rows=self.rows) + costs.overhead.value * self.rows)
         payoff = costs.payoff.setdefault(self.rows, Pooled(1.0))
         payoff.add(tokens / rate, seconds)
-        for planner in drafted:
+        for planner in [planner for planner in self.begun if planner.rounds and planner.nodes]:
             if payoff.value >= 1.0:
                 planner.backoff = 1
             else:
@@ -136,6 +141,7 @@ class Planner:
     def reset(self) -> None:
         self.scales: dict[tuple[str, int], list[float]] = {}
         self.skip, self.backoff, self.backoff_rows = 0, 1, 1
+        self.fed = False  # whether this sequence's draft has started (its prompt prefilled)
         self.top_prob = 0.5  # recent mean of the best draft probability at an opened node
 
     # -- one step ------------------------------------------------------------------------------
@@ -175,19 +181,28 @@ class Planner:
         skipped steps, or the draft's first prefill), so that no forward is spent on a probe that
         cannot pay (in a full batch, the usual case). The start forward shows the draft's real
         confidence, and the nodes decide. A start that drafts is counted as `STEADY_LAG` entries
-        at most: its catch-up serves the steps after it."""
+        at most: its catch-up serves the steps after it; a first start while drafted steps of this
+        batch size have been losing is priced at the whole lag (`_losing`)."""
         self.begin(context)
         if not self.should_draft():
             return self._decline()
         feed = min(lag, STEADY_LAG)
+        priced = lag if not self.fed and self._losing() else feed
         sure = self.conditional("draft", 1, 1.0)
         alone = self.load is None or self.load.rows == 1
-        if not self.pays(sure if alone else self.prospect(1.0, 0), feed_queries=feed):
+        if not self.pays(sure if alone else self.prospect(1.0, 0), feed_queries=priced):
             if self.backoff < MAX_BACKOFF or not self.pays(sure, feed_queries=lag):
                 self._back_off()
                 return self._decline()
+        self.fed = True
         self.draft_forward(feed)
         return True
+
+    def _losing(self) -> bool:
+        """In a batch: whether the decoder's drafted steps of this many rows have run below plain
+        decoding (`Load.settle`'s payoff). Alone: never (what batches learn stays out of it)."""
+        payoff = self.costs.payoff.get(self.load.rows) if self.load is not None else None
+        return payoff is not None and bool(payoff.seen) and payoff.value < 1.0
 
     def _decline(self) -> bool:
         """This step drafts nothing: no peer of the rows still planning -> False."""
