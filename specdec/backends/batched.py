@@ -82,9 +82,9 @@ class _RowsLayer(CacheLayerMixin):
         self._values[rows, :, self.slots] = value_states.transpose(1, 2)
         return self._keys[self.select, :, : self.end], self._values[self.select, :, : self.end]
 
-    def bind(self, slots: torch.Tensor, capacity: int) -> None:
+    def bind(self, slots: torch.Tensor) -> None:
         """Fixed shapes: the next call runs rows 0 .. k - 1 at slots [k, Qb] over the whole buffer."""
-        self.select, self.slots, self.end = slice(0, slots.shape[0]), slots, capacity
+        self.select, self.slots, self.end = slice(0, slots.shape[0]), slots, self.capacity
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.end, 0

@@ -51,7 +51,7 @@ class _Shape:
 class FixedShapes:
     """Runs the model's forwards at bucketed shapes over a cache of `capacity` slots per layer and
     `rows` rows (one sequence: 1), replaying each bucket as a CUDA graph when `capture` (see
-    `capture_all`). The cache's layers take each call's slots with `bind(slots, capacity)`."""
+    `capture_all`). The cache's layers take each call's slots with `bind(slots)`."""
 
     def __init__(self, model, cache, cache_argument: str, capacity: int, capture: bool, rows: int = 1):
         self.model, self.cache, self.capacity, self.capture = model, cache, capacity, capture
@@ -96,10 +96,10 @@ class FixedShapes:
         if not self.capture or self.shapes or max(used) + HEADROOM > self.capacity:
             return
         for rows in reversed(self.row_buckets):  # largest first: the smaller ones reuse its pool
+            width = max(used[:rows])
             for bucket in reversed(BUCKETS):
                 shape = self.shapes[rows, bucket] = _Shape(rows, bucket, self.capacity, self.device, self.dtype)
                 placeholder = torch.zeros(rows, bucket, dtype=torch.long)
-                width = max(used[:rows])
                 itself = torch.eye(bucket, dtype=torch.bool).expand(rows, bucket, bucket)
                 visible = torch.cat([torch.zeros(rows, bucket, width, dtype=torch.bool), itself], dim=2)
                 self._load(shape, placeholder, placeholder, used[:rows], visible)
@@ -132,7 +132,7 @@ class FixedShapes:
 
     def _call(self, shape: _Shape, logits_to_keep: int = 0) -> torch.Tensor:
         for layer in self.cache.layers:
-            layer.bind(shape.slots, self.capacity)
+            layer.bind(shape.slots)
         out = self.model(
             input_ids=shape.ids,
             position_ids=shape.positions,

@@ -226,7 +226,7 @@ class _BufferLayer(CacheLayerMixin):
         self.values = self._values[..., :end, :]
         return self.keys, self.values
 
-    def bind(self, slots: torch.Tensor, capacity: int) -> None:
+    def bind(self, slots: torch.Tensor) -> None:
         """Fixed shapes: the next update writes at slots [1, Qb] (specdec.backends.graphs)."""
         self.slots = slots[0]
 

@@ -122,7 +122,9 @@ class Load:
             costs.target_seconds(1, self.context, rows=self.rows) + costs.overhead.value * self.rows)
         payoff = costs.payoff.setdefault(self.rows, Pooled(1.0))
         payoff.add(tokens / rate, seconds)
-        for planner in [planner for planner in self.begun if planner.rounds and planner.nodes]:
+        for planner in self.begun:
+            if not (planner.rounds and planner.nodes):  # a start that found no node backed off in `end`
+                continue
             if payoff.value >= 1.0:
                 planner.backoff = 1
             else:
