@@ -257,6 +257,34 @@ def test_rows_that_drafted_together_back_off_while_their_steps_run_below_plain_d
     assert costs.payoff[1].value == pytest.approx(2.0) and costs.payoff[2].value == pytest.approx(1.125)
 
 
+def test_a_row_alone_in_its_step_decides_as_a_sequence_alone():
+    """With no peers it cannot lose with them: after plain steps of one row at 100 tok/s, a row
+    alone whose drafted node still left its step at 25 tok/s keeps drafting (its node reset its
+    backoff, as a sequence alone's does), though the record reads the loss and will price first
+    starts with it. The same step of two rows backs them off."""
+    costs = CostModel(curve(0.010, 0.011), curve(0.002, 0.002))
+
+    def step(tokens: int, seconds: float, rows: int, drafted: bool = True) -> list[Planner]:
+        planners = [Planner(costs) for _ in range(rows)]
+        load = Load(rows=rows, context=100, waiting=set(planners))
+        for planner in planners:
+            planner.load, planner.backoff = load, 4  # after steps that found nothing
+            planner.begin(100)
+            if drafted:
+                planner.draft_forward(1)
+                planner.add(0.5)
+            planner.end()
+        load.settle(costs, tokens, seconds, nodes=1 if drafted else 0)
+        return planners
+
+    step(1, 0.010, rows=1, drafted=False)
+    step(2, 0.020, rows=2, drafted=False)
+    (alone,) = step(1, 0.040, rows=1)
+    assert costs.payoff[1].value == pytest.approx(0.25) and costs.payoff[1].seen
+    assert (alone.skip, alone.backoff) == (0, 1)
+    assert all((planner.skip, planner.backoff) == (4, 8) for planner in step(2, 0.040, rows=2))
+
+
 def test_drafted_steps_are_weighed_by_their_time_not_by_their_median():
     """Plain steps of 1 row run at 100 tok/s. Three drafted steps accept nothing (1 token in
     12 ms each: 0.83x) and one accepts four (5 tokens in 12 ms: 4.2x): most steps lose, the four

@@ -37,7 +37,10 @@ its 3 peers, 6.8 / 16 ms = 425 tok/s: it drafts, and so do the others.
 
 Planned jointly, the rows may still lose together (a row's peers need not add what it assumed):
 after each step `Load.settle` weighs its real rate against recent plain steps of the batch's size,
-and the rows that drafted back off while the drafted steps run below them.
+and the rows that drafted back off while the drafted steps run below them. A row alone in its
+step has no peers to lose with: it decides as a sequence decoding alone (at B = 1 the demo pair's
+chain `auto` drafted 0.19 nodes a step and read 0.99x `ar` while `settle` backed it off; 0.64 and
+1.09x as alone).
 
 The start forward is priced at the entries a drafting sequence feeds each step (at most
 `STEADY_LAG`: an unfed leaf and the root); the catch-up of a longer lag after skipped steps, or the
@@ -111,7 +114,9 @@ class Load:
         plain step, one token a row in a target forward of t(B, 1) and the loop's work per row,
         as learned, stand in for that rate). While that ratio is below 1 every row that drafted
         nodes backs off as if it had found nothing (a row that found none has backed off
-        already), else it drafts the next step."""
+        already), else it drafts the next step. A step of one row only keeps the records: with no
+        peers that row decides as a sequence alone (`Planner.end`), and the record prices its
+        first starts (`Planner._losing`)."""
         plain = costs.plain.setdefault(self.rows, Pooled(0.0))
         if nodes == 0 and not any(self.rounds):
             plain.add(tokens, seconds)
@@ -122,6 +127,8 @@ class Load:
             costs.target_seconds(1, self.context, rows=self.rows) + costs.overhead.value * self.rows)
         payoff = costs.payoff.setdefault(self.rows, Pooled(1.0))
         payoff.add(tokens / rate, seconds)
+        if self.rows == 1:  # no peers to lose with: the row decides as a sequence alone (`Planner.end`)
+            return
         for planner in self.begun:
             if not (planner.rounds and planner.nodes):  # a start that found no node backed off in `end`
                 continue
@@ -162,6 +169,11 @@ class Planner:
         """Whether `should_draft` would let this step draft (asked of a row yet to begin)."""
         return self.skip == 0 or self._shrunk()
 
+    @property
+    def alone(self) -> bool:
+        """Decoding alone, or as the only row of a batch's step: no peers plan with it."""
+        return self.load is None or self.load.rows == 1
+
     def _shrunk(self) -> bool:
         return self.load is not None and self.load.rows < self.backoff_rows
 
@@ -191,8 +203,7 @@ class Planner:
         feed = min(lag, STEADY_LAG)
         priced = lag if not self.fed and self._losing() else feed
         sure = self.conditional("draft", 1, 1.0)
-        alone = self.load is None or self.load.rows == 1
-        if not self.pays(sure if alone else self.prospect(1.0, 0), feed_queries=priced):
+        if not self.pays(sure if self.alone else self.prospect(1.0, 0), feed_queries=priced):
             if self.backoff < MAX_BACKOFF or not self.pays(sure, feed_queries=lag):
                 self._back_off()
                 return self._decline()
@@ -319,12 +330,12 @@ class Planner:
 
     def end(self) -> None:
         """After proposing: this tree is final for the batch's step; back off when nothing paid,
-        else (alone; in a batch, `Load.settle` decides) draft every step."""
+        else (alone, or the only row of the step; with peers `Load.settle` decides) draft every step."""
         if self.load is not None:
             self.load.ended.add(self)
         if self.nodes == 0:
             self._back_off()
-        elif self.load is None:
+        elif self.alone:
             self.backoff = 1
 
     def _back_off(self) -> None:
