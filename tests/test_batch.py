@@ -173,6 +173,17 @@ def test_run_prompts_and_bench_batch_size_on_the_demo_pair(capsys, tmp_path):
     assert code == 1 and "only the ar baseline" in err and err.count("\n") == 1
 
 
+def test_a_batched_report_names_the_default_prompt_file():
+    """Without --prompts the report names the set it ran (not `None`)."""
+    from specdec.bench.batched import markdown
+
+    settings = {"questions": 16, "prompts": None, "chat": False, "max_new_tokens": 8, "batch_sizes": [1], "greedy": True,
+                "repeats": 1, "configs": ["c.yaml"], "overrides": []}
+    report = {"device": "CPU", "versions": {"specdec": "0"}, "runs": [], "settings": settings}
+    assert "16 prompts (first turns) from `benchmarks/prompts/code.jsonl`" in markdown(report)
+    assert "from `p.jsonl`" in markdown({**report, "settings": {**settings, "prompts": "p.jsonl"}})
+
+
 def test_odd_repeats_run_the_methods_in_reverse_order(capsys, tmp_path, monkeypatch):
     """A machine drifting within a repeat then favours a method against ar in one repeat and ar
     in the next."""

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from specdec.bench.methods import expand_sweeps, speculative
-from specdec.bench.prompts import load_questions
+from specdec.bench.prompts import load_questions, prompt_file_name
 from specdec.bench.report import device_description, machine_lines, merge_metrics, versions
 from specdec.bench.runner import BenchSettings, build_decoders, conversation
 from specdec.config import load_config
@@ -235,7 +235,7 @@ def markdown(report: dict) -> str:
     lines = [
         *machine_lines(report),
         f"Settings: config `{s['config']}`" + (f", overrides {' '.join(s['overrides'])}" if s["overrides"] else "")
-        + f"; {report['prompts']} prompts from `{s['prompts'] or 'benchmarks/prompts/code.jsonl'}`{' (chat)' if s['chat'] else ''}, max_new_tokens "
+        + f"; {report['prompts']} prompts from `{prompt_file_name(s['prompts'])}`{' (chat)' if s['chat'] else ''}, max_new_tokens "
         f"{s['max_new_tokens'] or 'from the config'}",
         "",
         "| run | T | steps | tau | nodes/step | DAG nodes/step | draft fwd/step | merged share | "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from specdec.bench.methods import ar_decoder
-from specdec.bench.prompts import load_questions
+from specdec.bench.prompts import load_questions, prompt_file_name
 from specdec.bench.report import device_description, machine_lines, merge_metrics, versions
 from specdec.bench.runner import BenchSettings, build_decoders
 from specdec.errors import SpecdecError
@@ -135,7 +135,7 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
         *machine_lines(report),
-        f"Settings: {s['questions']} prompts (first turns) from `{s['prompts']}`{' as chat' if s['chat'] else ''}, "
+        f"Settings: {s['questions']} prompts (first turns) from `{prompt_file_name(s['prompts'])}`{' as chat' if s['chat'] else ''}, "
         f"max_new_tokens {s['max_new_tokens']}, batch sizes {', '.join(map(str, s['batch_sizes']))}, "
         f"{'greedy' if s['greedy'] else 'sampling'}, median of {s['repeats']} repeats (speedups: of ratios within a repeat); configs {', '.join(s['configs'])}"
         + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else ""),

@@ -12,6 +12,11 @@ from specdec.errors import SpecdecError
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "prompts" / "code.jsonl"
 
 
+def prompt_file_name(path: str | None) -> str:
+    """How a report names a prompt file: as given, or the default set's path in the repository."""
+    return path if path is not None else DEFAULT_PROMPTS.relative_to(DEFAULT_PROMPTS.parents[2]).as_posix()
+
+
 @dataclass
 class Question:
     question_id: str

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from specdec import __version__
+from specdec.bench.prompts import prompt_file_name
 from specdec.bench.runner import BenchResult
 from specdec.metrics import GenerationMetrics
 
@@ -159,7 +160,7 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
         *machine_lines(report),
-        f"Settings: {s['questions']} prompts from `{s['prompts']}`, max_new_tokens {s['max_new_tokens']}, "
+        f"Settings: {s['questions']} prompts from `{prompt_file_name(s['prompts'])}`, max_new_tokens {s['max_new_tokens']}, "
         f"batch size 1, {'greedy' if s['greedy'] else 'sampling'}, median of {s['repeats']} interleaved repeats "
         f"after {s['warmup']} warm-up; configs {', '.join(s['configs'])}" + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else ""),
         "",
