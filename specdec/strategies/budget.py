@@ -39,8 +39,8 @@ Planned jointly, the rows may still lose together (a row's peers need not add wh
 after each step `Load.settle` weighs its real rate against recent plain steps of the batch's size,
 and the rows that drafted back off while the drafted steps run below them. A row alone in its
 step has no peers to lose with: it decides as a sequence decoding alone (at B = 1 the demo pair's
-chain `auto` drafted 0.19 nodes a step and read 0.99x `ar` while `settle` backed it off; 0.64 and
-1.09x as alone).
+chain `auto` drafted 0.19 nodes a step and read 0.99x `ar` while `settle` backed it off; as alone,
+0.64 nodes and 1.09x).
 
 The start forward is priced at the entries a drafting sequence feeds each step (at most
 `STEADY_LAG`: an unfed leaf and the root); the catch-up of a longer lag after skipped steps, or the
