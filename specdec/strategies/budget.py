@@ -46,15 +46,15 @@ The start forward is priced at the entries a drafting sequence feeds each step (
 `STEADY_LAG`: an unfed leaf and the root); the catch-up of a longer lag after skipped steps, or the
 first prefill, is paid once and serves the steps after it. Not so a sequence's first start (the
 draft's prefill over the whole prompt) while the decoder's drafted steps of this batch size have
-run below plain decoding (`costs.payoff`, learned by `Load.settle`): there the prefill serves
-steps that lose, so the first start must pay for the whole lag, and a new sequence does not pay
-the prefill and first probes of a draft that has not been paying. A step in a batch starts
-drafting when a first node of the draft's recent top probability would pay; otherwise it backs
-off, and probes once the backoff is full if a sure first node could pay for catching the draft up
-over the whole lag: a probe that finds nothing has paid that catch-up for nothing. A sequence decoding alone (or the last
-row of a batch) starts unless even a sure first node could not pay: its start forward is its own,
-and the real probabilities it shows decide better than the recent mean (gated on the mean, the demo
-pair's chain `auto` ran 5% more target forwards at B = 1).
+run below plain decoding (`costs.payoff`, learned by `Load.settle`): there the prefill serves steps
+that lose, so the first start must pay for the whole lag, and a new sequence does not pay the
+prefill and first probes of a draft that has not been paying. A step in a batch starts drafting
+when a first node of the draft's recent top probability would pay; otherwise it backs off, and
+probes once the backoff is full if a sure first node could pay for catching the draft up over the
+whole lag: a probe that finds nothing has paid that catch-up for nothing. A sequence decoding alone
+(or the last row of a batch) starts unless even a sure first node could not pay: its start forward
+is its own, and the real probabilities it shows decide better than the recent mean (gated on the
+mean, the demo pair's chain `auto` ran 5% more target forwards at B = 1).
 """
 
 from __future__ import annotations
@@ -213,7 +213,8 @@ class Planner:
 
     def _losing(self) -> bool:
         """In a batch: whether the decoder's drafted steps of this many rows have run below plain
-        decoding (`Load.settle`'s payoff). Alone: never (what batches learn stays out of it)."""
+        decoding (`Load.settle`'s payoff). Outside a batch (`generate`): never (what batches learn
+        stays out of it)."""
         payoff = self.costs.payoff.get(self.load.rows) if self.load is not None else None
         return payoff is not None and bool(payoff.seen) and payoff.value < 1.0
 
