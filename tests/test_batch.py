@@ -149,6 +149,19 @@ def test_batch_refuses_what_it_cannot_run_in_one_line(models, drafts):
         table.generate_batch(PROMPTS)
 
 
+def test_one_row_decodes_one_prompt_at_a_time_on_any_target():
+    """Batch size 1 (or a single prompt) runs each prompt through the single-sequence loop: a
+    target with no batched forward decodes them, equal to `generate`, and streams each block."""
+    table = SpeculativeDecoder(TableBackend(random_table(1, 100), 100), None, get_strategy("ar").cls(get_strategy("ar").cls.Options()))
+    blocks: list[tuple[int, list[int]]] = []
+    outputs = table.generate_batch(PROMPTS, batch_size=1, max_new_tokens=6, on_tokens=lambda i, block: blocks.append((i, block)))
+    alone = [table.generate(prompt, max_new_tokens=6).token_ids for prompt in PROMPTS]
+    assert [out.token_ids for out in outputs] == alone and all(len(ids) == 6 for ids in alone)
+    assert [i for i, _ in blocks] == sorted(i for i, _ in blocks)  # in the given order, one after another
+    assert [sum((b for i, b in blocks if i == k), []) for k in range(len(PROMPTS))] == alone
+    assert [out.token_ids for out in table.generate_batch(PROMPTS[:1], max_new_tokens=6)] == alone[:1]  # one prompt: one row
+
+
 def test_run_prompts_and_bench_batch_size_on_the_demo_pair(capsys, tmp_path):
     from test_cli import run_cli
 
