@@ -13,8 +13,9 @@ from specdec.decoder import SpeculativeDecoder
 from specdec.errors import SpecdecError
 from specdec.plugins import get_strategy
 from specdec.sampling import Random, Warp
+from specdec.strategies.acceptance import DECAY
 from specdec.strategies.base import DraftContext
-from specdec.strategies.budget import DECAY, DEPTHS, MAX_BACKOFF, STEADY_LAG, Load, Planner
+from specdec.strategies.budget import DEPTHS, MAX_BACKOFF, STEADY_LAG, Load, Planner
 from specdec.testing import TableBackend, random_table, table_greedy
 from specdec.tree import DraftTree, Verdict, depths_from_parents, validate_tree
 
