@@ -270,3 +270,22 @@ def test_the_llama_cpp_profile_script_without_the_extra_is_one_line(monkeypatch,
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     assert profile_script().main(["m.gguf"]) == 2
     assert capsys.readouterr().err.strip() == "error: this script needs llama-cpp-python: pip install 'specdec[llamacpp]'"
+
+
+def test_against_commit_runs_both_checkouts_alternating(monkeypatch, tmp_path, capsys):
+    """scripts/against_commit.py, with this checkout as the other too: every repeat runs both, in
+    alternating order, and each config's ratio to `ar` is printed per repeat and as medians."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("against_commit", root / "scripts" / "against_commit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert module.main([str(root), str(root / "configs" / "chain.yaml"), "--repeats", "2", "--limit", "2", "--max-new-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[:4]] == [["0", "this"], ["0", "other"], ["1", "other"], ["1", "this"]]
+    assert [line.split()[0] for line in lines[4:]] == ["this", "other"] and all("'chain':" in line for line in lines[4:])
+    assert not list(tmp_path.glob("against_commit_*.json"))  # the prompt file is removed
