@@ -33,6 +33,8 @@ def one_run(argv: list[str]) -> None:
     mode, order, prompts_file, tokens, chat, *configs = argv
     prompts = json.loads(Path(prompts_file).read_text())
     decoders = {path: SpeculativeDecoder.from_config(path) for path in configs}
+    # `ar` as specdec.bench.methods.ar_decoder makes it, written out: commits from before batching
+    # have neither that function nor `decoder.config`
     first, config = decoders[configs[0]], load_config(configs[0])
     raw = {**config.to_dict(), "strategy": {"name": "ar"}}
     raw.pop("draft", None)
