@@ -41,7 +41,9 @@ def speculative_decode(
     sequence = Sequence(target, draft, strategy, prompt, warp, stopper, rng, on_tokens, on_step)
     while not sequence.done:
         tree = sequence.propose()
-        sequence.finish(tree, target.forward(*sequence.target_inputs(tree))[0])  # [N, V]
+        stats = sequence.finish(tree, target.forward(*sequence.target_inputs(tree))[0])  # [N, V]
+        if strategy.planner is not None:  # `auto` learns whether its drafted steps beat plain ones
+            strategy.planner.settle(stats, target.committed_len)
     return sequence.generated, sequence.metrics
 
 
@@ -78,8 +80,9 @@ class Sequence:
         positions = self.target.committed_len + tree.depths  # [N]
         return tree.tokens[None], positions[None], ancestor_mask(tree.parents)[None]
 
-    def finish(self, tree: DraftTree, logits: torch.Tensor) -> None:
-        """Verify `tree` against the target's logits [N, V] for it; commit; emit; check stops."""
+    def finish(self, tree: DraftTree, logits: torch.Tensor) -> StepStats:
+        """Verify `tree` against the target's logits [N, V] for it; commit; emit; check stops ->
+        the step's stats."""
         target, draft = self.target, self.draft
         verdict = _verify(tree, logits, self.warp, self.rng)
         t2 = time.perf_counter()
@@ -97,6 +100,7 @@ class Sequence:
             self.on_tokens(emitted)
         if self.on_step is not None:
             self.on_step(stats)
+        return stats
 
     def _extend(self, block: list[int]) -> list[int]:
         """Append `block` up to the first stop -> the tokens emitted."""

@@ -50,6 +50,9 @@ def no_measuring(monkeypatch):
 
     monkeypatch.setattr(specdec.decoder, "measured_costs", refuse)
     monkeypatch.setattr(specdec.decoder, "calibrated_costs", refuse)
+    # and the steps' wall-clock times (tiny models, not these costs) teach nothing: the record of
+    # drafted steps against plain ones (`Planner.settle`) is tested in test_batch_auto.py
+    monkeypatch.setattr(Planner, "settle", lambda self, stats, context: None)
 
 
 def auto_strategy(label: str, costs: CostModel, **extra):

@@ -11,6 +11,7 @@ import pytest
 
 import specdec.batch
 import specdec.costs
+import specdec.strategies.budget
 from helpers import hf_greedy
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.config import GenerationOptions
@@ -35,7 +36,9 @@ CROWDED = Surface([1, 2, 8], [curve(0.010, 0.010), curve(0.020, 0.040), curve(0.
 ROOMY = Surface([1, 8], [curve(0.010, 0.010), curve(0.011, 0.011)])  # rows and nodes nearly free
 
 
-def auto_decoder(target_model, draft_model, label: str, surface: Surface, monkeypatch) -> SpeculativeDecoder:
+def auto_decoder(target_model, draft_model, label: str, surface: Surface, monkeypatch, learn: bool = False) -> SpeculativeDecoder:
+    """A decoder whose `auto` plans from hand-made costs and, unless it should `learn`, learns
+    nothing from its steps' wall-clock times (tiny models, not those costs)."""
     name, options = AUTO[label]
     component = get_strategy(name)
     strategy = component.cls(component.cls.Options(**options))
@@ -44,6 +47,8 @@ def auto_decoder(target_model, draft_model, label: str, surface: Surface, monkey
     surfaces = {id(target): surface, id(draft): Surface([1], [ALONE.draft])}  # a batched draft forward: as one row's
     monkeypatch.setattr(specdec.batch, "load_or_measure_surface", lambda spec, backend, rows: surfaces[id(backend)])
     monkeypatch.setattr(CostModel, "observe_step", lambda self, *args, **kwargs: None)  # all costs hand-made: nothing learned
+    if not learn:  # nor the record of drafted steps against plain ones
+        monkeypatch.setattr(specdec.strategies.budget, "record", lambda *args, **kwargs: None)
     return SpeculativeDecoder(target, draft, strategy, GenerationOptions())
 
 
@@ -257,11 +262,10 @@ def test_rows_that_drafted_together_back_off_while_their_steps_run_below_plain_d
     assert costs.payoff[1].value == pytest.approx(2.0) and costs.payoff[2].value == pytest.approx(1.125)
 
 
-def test_a_row_alone_in_its_step_decides_as_a_sequence_alone():
-    """With no peers it cannot lose with them: after plain steps of one row at 100 tok/s, a row
-    alone whose drafted node still left its step at 25 tok/s keeps drafting (its node reset its
-    backoff, as a sequence alone's does), though the record reads the loss and will price first
-    starts with it. The same step of two rows backs them off."""
+def test_a_row_alone_in_its_step_follows_the_record_of_one_row():
+    """After plain steps of one row at 100 tok/s, a row alone whose drafted node left its step at
+    25 tok/s backs off, as a sequence decoding alone does (`Planner.settle`), and so do two rows
+    whose drafted step lost."""
     costs = CostModel(curve(0.010, 0.011), curve(0.002, 0.002))
 
     def step(tokens: int, seconds: float, rows: int, drafted: bool = True) -> list[Planner]:
@@ -281,7 +285,7 @@ def test_a_row_alone_in_its_step_decides_as_a_sequence_alone():
     step(2, 0.020, rows=2, drafted=False)
     (alone,) = step(1, 0.040, rows=1)
     assert costs.payoff[1].value == pytest.approx(0.25) and costs.payoff[1].seen
-    assert (alone.skip, alone.backoff) == (0, 1)
+    assert (alone.skip, alone.backoff) == (1, 2)  # its node had reset the backoff (`end`); the record backs it off
     assert all((planner.skip, planner.backoff) == (4, 8) for planner in step(2, 0.040, rows=2))
 
 
@@ -332,8 +336,9 @@ def test_a_new_sequence_does_not_prefill_a_draft_whose_steps_have_been_losing():
     40 ms). Before anything is learned, or while the decoder's drafted steps of this batch size
     pay, the prefill is taken to serve the steps after it: a sure first node pays a steady start
     (2 entries). While they run below plain decoding, the first start must pay for the whole lag,
-    which no node can: the new sequence backs off without a draft forward. A sequence whose draft
-    is already fed starts as before, and so does one decoding alone."""
+    which no node can: the new sequence backs off without a draft forward, in a batch's row of
+    one and decoding alone alike (both keep the record of one row). A sequence whose draft is
+    already fed starts as before."""
     costs = CostModel(curve(0.010, 0.011), curve(0.002, 0.040, queries=(1, 200)))
 
     def start(lag: int, planner: Planner | None = None, rows: int | None = 1) -> tuple[bool, Planner]:
@@ -348,7 +353,7 @@ def test_a_new_sequence_does_not_prefill_a_draft_whose_steps_have_been_losing():
     started, new = start(200)
     assert not started and new.rounds == [] and (new.skip, new.backoff) == (1, 2)
     assert start(2, fed)[0]  # its draft is fed: a steady start
-    assert start(200, rows=None)[0]  # alone: what batches learn stays out of it
+    assert not start(200, rows=None)[0]  # decoding alone: the same record
     costs.payoff[1].add(2.0, 1.0)  # together 1.4x: paying
     assert start(200)[0]
 
@@ -357,7 +362,7 @@ def test_every_batch_over_one_decoder_learns_into_the_same_records(models, monke
     """The batch loop's cost model (the decoder's, with the t(B, N) surfaces) shares what its
     steps learn with the decoder's, so the decoder's next batch starts from it."""
     target = models("llama", 0)
-    decoder = auto_decoder(target, target, "chain", CROWDED, monkeypatch)
+    decoder = auto_decoder(target, target, "chain", CROWDED, monkeypatch, learn=True)
     decoder.generate_batch(PROMPTS[:2], batch_size=2, max_new_tokens=8, ignore_eos=True)
     learned = decoder.strategy.planner.costs
     assert learned.plain[2].seen and learned.rows is None  # plain steps of 2 rows (nodes cost too much)

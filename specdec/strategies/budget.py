@@ -40,11 +40,11 @@ Example (4 rows, t(4, 1) 12 ms, t(4, 2) 14 ms, a draft round of 4 rows 2 ms, a f
 its 3 peers, 6.8 / 16 ms = 425 tok/s: it drafts, and so do the others.
 
 Planned jointly, the rows may still lose together (a row's peers need not add what it assumed):
-after each step `Load.settle` weighs its real rate against recent plain steps of the batch's size,
-and the rows that drafted back off while the drafted steps run below them. A row alone in its
-step has no peers to lose with: it decides as a sequence decoding alone (at B = 1 the demo pair's
-chain `auto` drafted 0.19 nodes a step and read 0.99x `ar` while `settle` backed it off; as alone,
-0.64 nodes and 1.09x).
+after each step `Load.settle` weighs its real rate against recent plain steps of the batch's size
+(`record`), and the rows that drafted back off while the drafted steps run below them. A sequence
+decoding alone keeps the same record of one row (`Planner.settle`): the cost model can be wrong
+where it cannot see (the real pair's draft, priced as paying, emitted 1.40 tokens per drafted
+step in 32 ms against plain steps' 1 in 21 ms).
 
 The start forward is priced at the entries a drafting sequence feeds each step (at most
 `STEADY_LAG`: an unfed leaf and the root); the catch-up of a longer lag after skipped steps, or the
@@ -69,6 +69,7 @@ from typing import Annotated, Literal
 from pydantic import PlainValidator
 
 from specdec.costs import CostModel, Pooled
+from specdec.metrics import StepStats
 from specdec.strategies.acceptance import Fit
 from specdec.tree import DraftTree, Verdict
 
@@ -109,37 +110,35 @@ class Load:
 
     def settle(self, costs: CostModel, tokens: int, seconds: float, nodes: int) -> None:
         """After the step, which emitted `tokens` in `seconds` with trees of up to `nodes` nodes:
-        each row decided on its peers adding what it added, so together they may have lost.
-        A step without draft forwards joins the recent plain steps of this many rows
-        (`costs.plain`, their tokens per second). A drafted step (any draft forward, whether or
-        not it found a node: a start that found none cost its forward all the same) joins the
-        recent drafted steps of this many rows (`costs.payoff`: the seconds plain decoding would
-        have taken for their tokens, at its rate then, over the seconds they took; before any
-        plain step, one token a row in a target forward of t(B, 1) and the loop's work per row,
-        as learned, stand in for that rate). While that ratio is below 1 every row that drafted
-        nodes backs off as if it had found nothing (a row that found none has backed off
-        already), else it drafts the next step. A step of one row only keeps the records: with no
-        peers that row decides as a sequence alone (`Planner.end`), and the record prices its
-        first starts (`Planner._losing`)."""
-        plain = costs.plain.setdefault(self.rows, Pooled(0.0))
-        if nodes == 0 and not any(self.rounds):
-            plain.add(tokens, seconds)
+        each row decided on its peers adding what it added, so together they may have lost. The
+        step joins the records of this many rows (`record`); while drafted steps run below plain
+        ones every row that drafted nodes backs off as if it had found nothing (a row that found
+        none has backed off already), else it drafts the next step (`Planner.follow`)."""
+        if nodes and not any(planner.rounds for planner in self.begun):  # lookup nodes only: no draft forward
             return
-        if not any(planner.rounds for planner in self.begun):  # lookup nodes only: no draft forward
-            return
-        rate = plain.value if plain.seen else self.rows / (
-            costs.target_seconds(1, self.context, rows=self.rows) + costs.overhead.value * self.rows)
-        payoff = costs.payoff.setdefault(self.rows, Pooled(1.0))
-        payoff.add(tokens / rate, seconds)
-        if self.rows == 1:  # no peers to lose with: the row decides as a sequence alone (`Planner.end`)
-            return
+        payoff = record(costs, self.rows, self.context, tokens, seconds, drafted=any(self.rounds))
         for planner in self.begun:
-            if not (planner.rounds and planner.nodes):  # a start that found no node backed off in `end`
-                continue
-            if payoff.value >= 1.0:
-                planner.backoff = 1
-            else:
-                planner._back_off()
+            if payoff is not None and planner.rounds and planner.nodes:
+                planner.follow(payoff)
+
+
+def record(costs: CostModel, rows: int, context: float, tokens: int, seconds: float, drafted: bool) -> Pooled | None:
+    """A step of `rows` sequences that emitted `tokens` in `seconds` joins the recent steps of
+    this many rows. A step without draft forwards joins the plain ones (`costs.plain`, their
+    tokens per second) -> None. A drafted step (any draft forward, whether or not it found a node:
+    a start that found none cost its forward all the same) joins the drafted ones (`costs.payoff`:
+    the seconds plain decoding would have taken for their tokens, at its rate then, over the
+    seconds they took; before any plain step, one token a row in a target forward of t(B, 1) and
+    the loop's work per row, as learned, stand in for that rate) -> that record."""
+    plain = costs.plain.setdefault(rows, Pooled(0.0))
+    if not drafted:
+        plain.add(tokens, seconds)
+        return None
+    rate = plain.value if plain.seen else rows / (
+        costs.target_seconds(1, context, rows=rows) + costs.overhead.value * rows)
+    payoff = costs.payoff.setdefault(rows, Pooled(1.0))
+    payoff.add(tokens / rate, seconds)
+    return payoff
 
 
 class Planner:
@@ -186,6 +185,7 @@ class Planner:
         self.context, self.nodes, self.expected = context, 0, 1.0
         self.rounds: list[int] = []  # queries of each of this step's draft forwards
         self.spent = 0.0  # their seconds, each as one sequence's forward
+        self.catch_up = 0.0  # calibrated seconds of the start's feed beyond a steady one (it serves later steps)
         if self.load is not None:
             self.load.waiting.discard(self)
             self.load.begun.add(self)
@@ -213,13 +213,14 @@ class Planner:
                 return self._decline()
         self.fed = True
         self.draft_forward(feed)
+        if lag > feed:
+            self.catch_up = self.costs.draft_seconds(lag, context) - self.costs.draft_seconds(feed, context)
         return True
 
     def _losing(self) -> bool:
-        """In a batch: whether the decoder's drafted steps of this many rows have run below plain
-        decoding (`Load.settle`'s payoff). Outside a batch (`generate`): never (what batches learn
-        stays out of it)."""
-        payoff = self.costs.payoff.get(self.load.rows) if self.load is not None else None
+        """Whether the decoder's recent drafted steps of this many rows (alone: of one) have run
+        below plain decoding (`record`'s payoff)."""
+        payoff = self.costs.payoff.get(1 if self.load is None else self.load.rows)
         return payoff is not None and bool(payoff.seen) and payoff.value < 1.0
 
     def _decline(self) -> bool:
@@ -349,10 +350,32 @@ class Planner:
 
     def _promising(self) -> bool:
         """Whether a first node of the draft's recent top probability (calibrated at depth 1)
-        would pay for a steady start forward: then a start that found nothing tells of its own
-        position only, and the next step starts again."""
+        would pay for a steady start forward, and drafted steps have not been losing: then a
+        start that found nothing tells of its own position only, and the next step starts again."""
+        if self._losing():
+            return False
         start = self.costs.draft_seconds(STEADY_LAG, self.context)
         return self._rate(1, 1.0 + self.prospect(1.0, 0), start) > self._rate(0, 1.0, 0.0)
+
+    def follow(self, payoff: Pooled) -> None:
+        """After a step in which this sequence drafted nodes: draft the next step while drafted
+        steps of its batch size (`payoff`) beat plain ones, else back off."""
+        if payoff.value >= 1.0:
+            self.backoff = 1
+        else:
+            self._back_off()
+
+    def settle(self, stats: StepStats, context: int) -> None:
+        """Decoding alone, after a step (`stats`) at cache length `context`: the step joins the
+        records of one row (`record`), less the catch-up its start fed beyond a steady one, and a
+        step that drafted nodes follows them (`follow`), as a batch's rows do (`Load.settle`)."""
+        drafted = stats.draft_forwards > 0
+        if stats.drafted_nodes and not drafted:  # lookup nodes only: no draft forward
+            return
+        seconds = stats.draft_seconds + stats.verify_seconds + stats.other_seconds - (self.catch_up if drafted else 0.0)
+        payoff = record(self.costs, 1, context, stats.accepted + 1, max(seconds, 1e-9), drafted)
+        if payoff is not None and stats.drafted_nodes:
+            self.follow(payoff)
 
     def _back_off(self) -> None:
         """Skip drafting for the next `backoff` steps; double the backoff, up to the cap."""

@@ -1,0 +1,98 @@
+"""`auto` decoding alone keeps the record of drafted steps against plain ones that a batch's rows
+keep (`record`): each step of `speculative_decode` joins it (`Planner.settle`), and while drafted
+steps run below plain ones, the sequence backs off instead of drafting every step."""
+
+from __future__ import annotations
+
+import pytest
+
+from specdec.backends.pytorch import PyTorchBackend
+from specdec.config import GenerationOptions
+from specdec.costs import CostModel
+from specdec.decoder import SpeculativeDecoder
+from specdec.metrics import StepStats
+from specdec.plugins import get_strategy
+from specdec.strategies.budget import Planner
+from test_auto_budget import curve
+
+
+def stats(seconds: float, nodes: int = 0, accepted: int = 0, forwards: int | None = None) -> StepStats:
+    """A step of `seconds` (proposing, verifying and the rest in equal parts) that drafted `nodes`
+    nodes with `forwards` draft forwards (default: one per node)."""
+    forwards = nodes if forwards is None else forwards
+    return StepStats(drafted_nodes=nodes, tree_depth=nodes, accepted=accepted, draft_forwards=forwards,
+                     draft_seconds=seconds / 3, verify_seconds=seconds / 3, other_seconds=seconds / 3)
+
+
+def drafted(planner: Planner, lag: int = 1) -> None:
+    """Begin a step that starts the draft and adds one node."""
+    assert planner.start(100, lag)
+    planner.add(0.5)
+    planner.end()
+
+
+def test_a_sequence_alone_backs_off_while_its_drafted_steps_lose_and_drafts_while_they_pay():
+    """Plain steps at 100 tok/s. A drafted step that emitted 1 token in 12 ms (0.83x) backs the
+    sequence off; a second that emitted 3 in 12 ms brings the two to 4 tokens in 24 ms (1.67x):
+    it drafts every step again."""
+    planner = Planner(CostModel(curve(0.010, 0.011), curve(0.002, 0.002)))
+    planner.begin(100)
+    planner.settle(stats(0.010), 100)
+    assert planner.costs.plain[1].value == pytest.approx(100.0)
+    drafted(planner)
+    planner.settle(stats(0.012, nodes=1), 100)
+    assert planner.costs.payoff[1].value == pytest.approx(0.010 / 0.012)
+    assert (planner.skip, planner.backoff) == (1, 2)
+    assert not planner.should_draft()  # the skipped step
+    drafted(planner)
+    planner.settle(stats(0.012, nodes=2, accepted=2), 100)
+    assert planner.costs.payoff[1].value == pytest.approx(4 / 100 / 0.024)
+    assert (planner.skip, planner.backoff) == (0, 1)
+
+
+def test_a_start_that_found_nothing_backs_off_while_drafted_steps_lose():
+    """A start that found no node is one position's news while drafting pays (`_promising`): the
+    sequence starts again. Once the record reads drafted steps below plain ones, it backs off
+    (`settle` does not back it off twice: a step without nodes follows no record)."""
+    planner = Planner(CostModel(curve(0.010, 0.011), curve(0.002, 0.002)))
+    planner.top_prob = 0.9  # a typical first node pays
+    assert planner.start(100, 1)
+    planner.end()
+    assert planner.skip == 0
+    planner.settle(stats(0.010), 100)  # a plain step: 100 tok/s
+    planner.settle(stats(0.040, forwards=1), 100)  # a drafted step that found nothing: 1 token in 40 ms
+    assert planner.costs.payoff[1].value == pytest.approx(0.25)
+    assert planner.start(100, 1)
+    planner.end()
+    assert (planner.skip, planner.backoff) == (1, 2)
+
+
+def test_the_catch_up_of_a_long_lag_is_left_out_of_the_record():
+    """A start over a lag of 200 entries (40 ms by the calibration, against 2 ms for a steady
+    start) serves the steps after it: a step of 50 ms with it counts as 12 ms. Lookup nodes with
+    no draft forward are not a drafted step and leave the record alone."""
+    planner = Planner(CostModel(curve(0.010, 0.011), curve(0.002, 0.040, queries=(2, 200))))
+    planner.begin(100)
+    planner.settle(stats(0.010), 100)
+    drafted(planner, lag=200)
+    planner.settle(stats(0.050, nodes=1, accepted=1), 100)
+    assert planner.costs.payoff[1].value == pytest.approx(2 / 100 / 0.012)
+    planner.begin(100)
+    planner.settle(stats(0.020, nodes=3, forwards=0), 100)
+    assert len(planner.costs.payoff[1].seen) == 1 and len(planner.costs.plain[1].seen) == 1
+
+
+def test_every_step_of_generate_joins_the_record(models):
+    """Each step of `speculative_decode` joins the record of one row: plain steps or drafted ones,
+    as many as the decoding took (fewer than the record keeps)."""
+    target = models("llama", 0)
+    component = get_strategy("chain")
+    strategy = component.cls(component.cls.Options(k="auto"))
+    strategy.set_costs(CostModel(curve(0.010, 0.010), curve(0.0001, 0.0001)))  # nodes free: it drafts
+    decoder = SpeculativeDecoder(PyTorchBackend(target), PyTorchBackend(target), strategy, GenerationOptions())
+    steps = []
+    out = decoder.generate([3, 17, 42], max_new_tokens=10, ignore_eos=True, on_step=steps.append)
+    costs = strategy.planner.costs
+    assert len(out.token_ids) == 10 and any(step.draft_forwards for step in steps)
+    plain = len(costs.plain[1].seen) if 1 in costs.plain else 0
+    assert plain + len(costs.payoff[1].seen) == len(steps)
