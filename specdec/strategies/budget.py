@@ -11,9 +11,9 @@ path's conditional estimates.
 A step is expected to emit 1 + the sum of its nodes' estimates; a node joins only when that
 divided by the step's cost rises. When a drafted step ends with no node worth adding, drafting is
 skipped (plain `ar` steps) for a doubling number of steps, then probed again; a sequence decoding
-alone skips nothing while a first node of the draft's recent top probability would pay (a start
-that found nothing tells of that one position: skipping, the demo pair's chain `auto` ran 18% more
-steps at B = 1).
+alone skips nothing while its drafted steps pay, or before any while a first node of the draft's
+recent top probability would pay (a start that found nothing tells of that one position: skipping,
+the demo pair's chain `auto` ran 18% more steps at B = 1).
 
 Example (t_target: 1 node 30 ms, 2 nodes 32 ms; the draft start 4 ms; estimate 0.6): without the
 node 1 / 34 ms = 29 tok/s, with it 1.6 / 36 ms = 44 tok/s, above plain decoding's 1 / 30 ms = 33
@@ -220,8 +220,13 @@ class Planner:
     def _losing(self) -> bool:
         """Whether the decoder's recent drafted steps of this many rows (alone: of one) have run
         below plain decoding (`record`'s payoff)."""
+        payoff = self._record()
+        return payoff is not None and payoff.value < 1.0
+
+    def _record(self) -> Pooled | None:
+        """The record of recent drafted steps of this many rows (alone: of one), if any."""
         payoff = self.costs.payoff.get(1 if self.load is None else self.load.rows)
-        return payoff is not None and bool(payoff.seen) and payoff.value < 1.0
+        return payoff if payoff is not None and payoff.seen else None
 
     def _decline(self) -> bool:
         """This step drafts nothing: no peer of the rows still planning -> False."""
@@ -337,9 +342,8 @@ class Planner:
 
     def end(self) -> None:
         """After proposing: this tree is final for the batch's step. When nothing paid, back off,
-        unless alone (or the only row of the step) while a typical first node would pay
-        (`_promising`); when a node paid, draft every step (alone; with peers `Load.settle`
-        decides)."""
+        unless alone (or the only row of the step) while drafting pays (`_promising`); when a
+        node paid, draft the next step (the record may yet back it off: `follow`)."""
         if self.load is not None:
             self.load.ended.add(self)
         if self.nodes == 0:
@@ -349,11 +353,14 @@ class Planner:
             self.backoff = 1
 
     def _promising(self) -> bool:
-        """Whether a first node of the draft's recent top probability (calibrated at depth 1)
-        would pay for a steady start forward, and drafted steps have not been losing: then a
-        start that found nothing tells of its own position only, and the next step starts again."""
-        if self._losing():
-            return False
+        """Whether drafting every step pays: then a start that found nothing tells of its own
+        position only, and the next step starts again. The record of drafted steps against plain
+        ones tells (its drafted steps include such starts); before any, whether a first node of
+        the draft's recent top probability (calibrated at depth 1) would pay for a steady start
+        forward."""
+        record = self._record()
+        if record is not None:
+            return record.value >= 1.0
         start = self.costs.draft_seconds(STEADY_LAG, self.context)
         return self._rate(1, 1.0 + self.prospect(1.0, 0), start) > self._rate(0, 1.0, 0.0)
 
