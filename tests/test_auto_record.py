@@ -12,7 +12,7 @@ from specdec.costs import CostModel
 from specdec.decoder import SpeculativeDecoder
 from specdec.metrics import StepStats
 from specdec.plugins import get_strategy
-from specdec.strategies.budget import Planner
+from specdec.strategies.budget import Load, Planner
 from test_auto_budget import curve
 
 
@@ -115,3 +115,26 @@ def test_the_record_decides_whether_a_start_that_found_nothing_backs_off():
     assert planner.start(100, 1)
     planner.end()
     assert planner.skip == 0
+
+
+def test_a_batch_leaves_its_rows_catch_ups_out_of_the_record():
+    """In a batch of 2 rows, one row's start catches its draft up over 200 entries (38 ms more
+    than a steady start, by the calibration): the step of 50 ms counts as 12 ms. Without that,
+    a probe after a backoff (whose lag is the steps it skipped) would count its catch-up against
+    drafting, and a record below 1 could never recover."""
+    costs = CostModel(curve(0.010, 0.011), curve(0.002, 0.040, queries=(2, 200)))
+    planners = [Planner(costs), Planner(costs)]
+    load = Load(rows=2, context=100, waiting=set(planners))
+    for planner in planners:
+        planner.load = load
+    planners[0].begin(100)
+    load.settle(costs, 2, 0.010, nodes=0)  # a plain step of 2 rows: 200 tok/s
+    load = Load(rows=2, context=100, waiting=set(planners))
+    for planner in planners:
+        planner.load = load
+    assert planners[0].start(100, 200)
+    planners[0].add(0.9)
+    planners[0].end()
+    planners[1].begin(100)
+    load.settle(costs, 3, 0.050, nodes=1)
+    assert costs.payoff[2].value == pytest.approx(3 / 200 / 0.012)

@@ -111,11 +111,14 @@ class Load:
     def settle(self, costs: CostModel, tokens: int, seconds: float, nodes: int) -> None:
         """After the step, which emitted `tokens` in `seconds` with trees of up to `nodes` nodes:
         each row decided on its peers adding what it added, so together they may have lost. The
-        step joins the records of this many rows (`record`); while drafted steps run below plain
-        ones every row that drafted nodes backs off as if it had found nothing (a row that found
-        none has backed off already), else it drafts the next step (`Planner.follow`)."""
+        step joins the records of this many rows (`record`), less the catch-ups the rows' starts
+        fed beyond a steady one (each row's own forward: they serve the steps after it); while
+        drafted steps run below plain ones every row that drafted nodes backs off as if it had
+        found nothing (a row that found none has backed off already), else it drafts the next
+        step (`Planner.follow`)."""
         if nodes and not any(planner.rounds for planner in self.begun):  # lookup nodes only: no draft forward
             return
+        seconds = max(seconds - sum(planner.catch_up for planner in self.begun), 1e-9)
         payoff = record(costs, self.rows, self.context, tokens, seconds, drafted=any(self.rounds))
         for planner in self.begun:
             if payoff is not None and planner.rounds and planner.nodes:
