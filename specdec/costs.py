@@ -244,8 +244,9 @@ class CostModel:
     time to its surface, which follows the machine when it runs slower or faster than when it was
     calibrated; and `draft_scale`, the same for the draft model's batched forwards, which also
     takes in what the planner prices as a steady step's feed but runs longer (a row catching its
-    draft up pads the whole round to its lag). `Load.settle` keeps, per batch size, the recent
-    rates of plain steps (`plain`) and of drafted steps over them (`payoff`).
+    draft up pads the whole round to its lag). Every step of `auto`, alone or in a batch, joins
+    the recent rates, per batch size, of plain steps (`plain`) and of drafted steps over them
+    (`payoff`) (`record`).
 
     A cost model made from this one by `dataclasses.replace` shares what is learned (the objects,
     not copies): every batch over one decoder learns into the same records, so a decoder that runs
@@ -276,6 +277,24 @@ class CostModel:
             self.target_scale.add(target_seconds / self.rows.at(rows, nodes, context))
         if draft_rounds and self.draft_rows is not None:
             self.draft_scale.add(draft_seconds / sum(self.draft_rows.at(count, queries, context) for count, queries in draft_rounds))
+
+    def record(self, rows: int, context: float, tokens: int, seconds: float, drafted: bool) -> Pooled | None:
+        """A step of `rows` sequences that emitted `tokens` in `seconds` joins the recent steps of
+        this many rows. A step without draft forwards joins the plain ones (`plain`, their tokens
+        per second) -> None. A drafted step (any draft forward, whether or not it found a node: a
+        start that found none cost its forward all the same) joins the drafted ones (`payoff`: the
+        seconds plain decoding would have taken for their tokens, at its rate then, over the
+        seconds they took; before any plain step, one token a row in a target forward of t(B, 1)
+        and the loop's work per row, as learned, stand in for that rate) -> that record."""
+        plain = self.plain.setdefault(rows, Pooled(0.0))
+        if not drafted:
+            plain.add(tokens, seconds)
+            return None
+        rate = plain.value if plain.seen else rows / (
+            self.target_seconds(1, context, rows=rows) + self.overhead.value * rows)
+        payoff = self.payoff.setdefault(rows, Pooled(1.0))
+        payoff.add(tokens / rate, seconds)
+        return payoff
 
     def target_seconds(self, nodes: int, context: int, rows: int | None = None) -> float:
         """One forward of `nodes` entries; with `rows`, a batched forward of that many rows of

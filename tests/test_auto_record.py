@@ -1,5 +1,5 @@
 """`auto` decoding alone keeps the record of drafted steps against plain ones that a batch's rows
-keep (`record`): each step of `speculative_decode` joins it (`Planner.settle`), and while drafted
+keep (`CostModel.record`): each step of `speculative_decode` joins it (`Planner.settle`), and while drafted
 steps run below plain ones, the sequence backs off instead of drafting every step."""
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ import pytest
 
 import specdec.batch
 import specdec.costs
-import specdec.strategies.budget
 from helpers import hf_greedy
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.config import GenerationOptions
@@ -48,7 +47,7 @@ def auto_decoder(target_model, draft_model, label: str, surface: Surface, monkey
     monkeypatch.setattr(specdec.batch, "load_or_measure_surface", lambda spec, backend, rows: surfaces[id(backend)])
     monkeypatch.setattr(CostModel, "observe_step", lambda self, *args, **kwargs: None)  # all costs hand-made: nothing learned
     if not learn:  # nor the record of drafted steps against plain ones
-        monkeypatch.setattr(specdec.strategies.budget, "record", lambda *args, **kwargs: None)
+        monkeypatch.setattr(CostModel, "record", lambda self, *args, **kwargs: None)
     return SpeculativeDecoder(target, draft, strategy, GenerationOptions())
 
 

@@ -41,9 +41,9 @@ its 3 peers, 6.8 / 16 ms = 425 tok/s: it drafts, and so do the others.
 
 Planned jointly, the rows may still lose together (a row's peers need not add what it assumed):
 after each step `Load.settle` weighs its real rate against recent plain steps of the batch's size
-(`record`), and the rows that drafted back off while the drafted steps run below them. A sequence
-decoding alone keeps the same record of one row (`Planner.settle`): the cost model can be wrong
-where it cannot see (the real pair's draft, priced as paying, emitted 1.40 tokens per drafted
+(`CostModel.record`), and the rows that drafted back off while the drafted steps run below them.
+A sequence decoding alone keeps the same record of one row (`Planner.settle`): the cost model can
+be wrong where it cannot see (the real pair's draft, priced as paying, emitted 1.40 tokens per drafted
 step in 32 ms against plain steps' 1 in 21 ms).
 
 The start forward is priced at the entries a drafting sequence feeds each step (at most
@@ -111,37 +111,18 @@ class Load:
     def settle(self, costs: CostModel, tokens: int, seconds: float, nodes: int) -> None:
         """After the step, which emitted `tokens` in `seconds` with trees of up to `nodes` nodes:
         each row decided on its peers adding what it added, so together they may have lost. The
-        step joins the records of this many rows (`record`), less the catch-ups the rows' starts
-        fed beyond a steady one (each row's own forward: they serve the steps after it); while
-        drafted steps run below plain ones every row that drafted nodes backs off as if it had
-        found nothing (a row that found none has backed off already), else it drafts the next
-        step (`Planner.follow`)."""
+        step joins the records of this many rows (`CostModel.record`), less the catch-ups the
+        rows' starts fed beyond a steady one (each row's own forward: they serve the steps after
+        it); while drafted steps run below plain ones every row that drafted nodes backs off as if
+        it had found nothing (a row that found none has backed off already), else it drafts the
+        next step (`Planner.follow`)."""
         if nodes and not any(planner.rounds for planner in self.begun):  # lookup nodes only: no draft forward
             return
         seconds = max(seconds - sum(planner.catch_up for planner in self.begun), 1e-9)
-        payoff = record(costs, self.rows, self.context, tokens, seconds, drafted=any(self.rounds))
+        payoff = costs.record(self.rows, self.context, tokens, seconds, drafted=any(self.rounds))
         for planner in self.begun:
             if payoff is not None and planner.rounds and planner.nodes:
                 planner.follow(payoff)
-
-
-def record(costs: CostModel, rows: int, context: float, tokens: int, seconds: float, drafted: bool) -> Pooled | None:
-    """A step of `rows` sequences that emitted `tokens` in `seconds` joins the recent steps of
-    this many rows. A step without draft forwards joins the plain ones (`costs.plain`, their
-    tokens per second) -> None. A drafted step (any draft forward, whether or not it found a node:
-    a start that found none cost its forward all the same) joins the drafted ones (`costs.payoff`:
-    the seconds plain decoding would have taken for their tokens, at its rate then, over the
-    seconds they took; before any plain step, one token a row in a target forward of t(B, 1) and
-    the loop's work per row, as learned, stand in for that rate) -> that record."""
-    plain = costs.plain.setdefault(rows, Pooled(0.0))
-    if not drafted:
-        plain.add(tokens, seconds)
-        return None
-    rate = plain.value if plain.seen else rows / (
-        costs.target_seconds(1, context, rows=rows) + costs.overhead.value * rows)
-    payoff = costs.payoff.setdefault(rows, Pooled(1.0))
-    payoff.add(tokens / rate, seconds)
-    return payoff
 
 
 class Planner:
@@ -222,7 +203,7 @@ class Planner:
 
     def _losing(self) -> bool:
         """Whether the decoder's recent drafted steps of this many rows (alone: of one) have run
-        below plain decoding (`record`'s payoff)."""
+        below plain decoding (`CostModel.record`'s payoff)."""
         payoff = self._record()
         return payoff is not None and payoff.value < 1.0
 
@@ -377,13 +358,14 @@ class Planner:
 
     def settle(self, stats: StepStats, context: int) -> None:
         """Decoding alone, after a step (`stats`) at cache length `context`: the step joins the
-        records of one row (`record`), less the catch-up its start fed beyond a steady one, and a
-        step that drafted nodes follows them (`follow`), as a batch's rows do (`Load.settle`)."""
+        records of one row (`CostModel.record`), less the catch-up its start fed beyond a steady
+        one, and a step that drafted nodes follows them (`follow`), as a batch's rows do
+        (`Load.settle`)."""
         drafted = stats.draft_forwards > 0
         if stats.drafted_nodes and not drafted:  # lookup nodes only: no draft forward
             return
         seconds = stats.draft_seconds + stats.verify_seconds + stats.other_seconds - (self.catch_up if drafted else 0.0)
-        payoff = record(self.costs, 1, context, stats.accepted + 1, max(seconds, 1e-9), drafted)
+        payoff = self.costs.record(1, context, stats.accepted + 1, max(seconds, 1e-9), drafted)
         if payoff is not None and stats.drafted_nodes:
             self.follow(payoff)
 
