@@ -43,8 +43,8 @@ Planned jointly, the rows may still lose together (a row's peers need not add wh
 after each step `Load.settle` weighs its real rate against recent plain steps of the batch's size
 (`CostModel.record`), and the rows that drafted back off while the drafted steps run below them.
 A sequence decoding alone keeps the same record of one row (`Planner.settle`): the cost model can
-be wrong where it cannot see (the real pair's draft, priced as paying, emitted 1.40 tokens per drafted
-step in 32 ms against plain steps' 1 in 21 ms).
+be wrong where it cannot see (the real pair's draft, priced as paying, emitted 1.40 tokens per
+drafted step in 32 ms against plain steps' 1 in 21 ms).
 
 The start forward is priced at the entries a drafting sequence feeds each step (at most
 `STEADY_LAG`: an unfed leaf and the root); the catch-up of a longer lag after skipped steps, or the
