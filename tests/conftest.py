@@ -46,6 +46,15 @@ NO_TENSORRT = "needs TensorRT (import tensorrt failed; pip install 'specdec[tens
 REQUIREMENTS = {"gpu": [(_cuda_missing, NO_CUDA)], "tensorrt": [(_tensorrt_missing, NO_TENSORRT), (_cuda_missing, NO_CUDA)]}
 
 
+def pytest_configure(config):
+    """In a pytest-xdist worker (`pytest -n auto`), one torch thread: the workers already share the
+    cores, and two workers' OpenMP pools spinning on two cores ran the suite slower than one process."""
+    if hasattr(config, "workerinput"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu` and `tensorrt` tests, with the reason, where this machine cannot run them."""
     missing = functools.cache(lambda check: check())  # each check at most once, only if a test needs it
