@@ -61,14 +61,15 @@ class BatchedOnnx(BatchedRows):
         return self._execute(0, ids, positions, used, visible)
 
     def prefill_row(self, index, input_ids, start):
-        """In chunks of the backend's `prefill_chunk` tokens, as a single sequence's prefill."""
+        """In chunks of the backend's `prefill_chunk` tokens, as a single sequence's prefill; the
+        capacity grows once for the whole prompt (each growth copies every row's buffers)."""
         features, chunk_size = [], self.backend.prefill_chunk
+        self._fit(start + input_ids.shape[1])
         for offset in range(0, input_ids.shape[1], chunk_size):
             chunk = input_ids[:, offset : offset + chunk_size]
             length, used = chunk.shape[1], start + offset
             visible = torch.ones(1, length, used + length, dtype=torch.bool)  # [1, L, S + L]
             visible[0, :, used:] = torch.ones(length, length, dtype=torch.bool).tril_()
-            self._fit(used + length)
             logits, chunk_features = self._execute(index, chunk, torch.arange(used, used + length)[None], [used], visible,
                                                    last_only=True, past_slots=max(used, 1))
             if chunk_features is not None:
