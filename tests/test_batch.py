@@ -394,6 +394,24 @@ def test_the_onnxruntime_capacity_follows_the_longest_row_and_shrinks_when_it_le
     assert torch.allclose(logits[1][0], want, atol=1e-4)
 
 
+def test_an_onnxruntime_prompt_of_many_chunks_grows_the_capacity_once(llama_export, models, monkeypatch):
+    # each growth copies every row's buffers: a prompt of 2 * FIT_STEP + 5 tokens in chunks of 4 (a
+    # growth per chunk before) grows them once; its logits stay exact
+    from specdec.backends.batched_onnx import FIT_STEP, BatchedOnnx
+    from specdec.batch import batched_backend
+
+    batch = batched_backend(onnx_target(llama_export), 2)
+    batch.rows[1].prefill(torch.tensor([[5, 6, 7]]))
+    capacities = []
+    fit = BatchedOnnx._fit
+    monkeypatch.setattr(BatchedOnnx, "_fit", lambda self, needed: fit(self, needed) or capacities.append(self.cache.shape[3]))
+    prompt = list(range(3, 3 + 2 * FIT_STEP + 5))
+    logits = batch.rows[0].prefill(torch.tensor([prompt]))
+    assert capacities == [3 * FIT_STEP]  # len(prompt) rounded up, in one growth
+    want = PyTorchBackend(models("llama", 0)).model(torch.tensor([prompt])).logits[0, -1]
+    assert torch.allclose(logits[0], want, atol=1e-4)
+
+
 # -- exact sampling on batched rows -----------------------------------------------------------------
 
 SAMPLED = {"chain": ("chain", {"k": 2}), "static_tree": ("static_tree", {"branching": [2, 1]}),
@@ -488,3 +506,21 @@ def test_the_forward_cost_script_times_each_batch_size_at_each_capacity(llama_ex
         monkeypatch.setattr(backend, "execute", lambda inputs, outputs, name=name, run=run: order.append(name) or run(inputs, outputs))
     script.forward_costs({"a": target, "b": other}, [1], [32], rounds=2)
     assert order == ["a"] * 6 + ["b"] * 6 + ["a"] * 6 + ["b"] * 6
+
+
+def test_the_prefill_cost_script_alternates_the_prompts_alone_and_joined(monkeypatch):
+    # scripts/prefill_cost.py: per round each prompt prefilled alone, then all of them as one sequence
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "prefill_cost.py"
+    spec = importlib.util.spec_from_file_location("prefill_cost", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    target, _ = tiny_pair()
+    backend = PyTorchBackend(target)
+    lengths = []
+    prefill = backend.prefill
+    monkeypatch.setattr(backend, "prefill", lambda ids: lengths.append(ids.shape[1]) or prefill(ids))
+    alone, together = script.prefill_costs(backend, [[1, 2, 3], [0, 1], [3, 2, 1, 0]], rounds=2)
+    assert lengths == [3] + [3, 2, 4, 9] * 2  # a warm-up, then two rounds
+    assert alone > 0 and together > 0
