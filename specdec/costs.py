@@ -31,6 +31,7 @@ ROW_QUERIES = (1, 2, 4, 8, 16, 32)  # t(B, Q): a batch's padded trees rarely nee
 CONTEXTS = (256, 1024)
 CURVE_VERSION = 1
 RECENT_STEPS = 15  # the recent steps a batch's learned costs are the median of (`Recent`)
+FORGET_AFTER = 256  # plain steps of B rows after which a losing record of B rows is forgotten (doubling each time)
 
 
 def time_forward(backend: Backend, query: int, context: int, repeats: int = 5, warmup: int = 1) -> float:
@@ -262,6 +263,7 @@ class CostModel:
     draft_scale: Recent = field(default_factory=lambda: Recent(1.0), repr=False, compare=False)
     plain: dict[int, Pooled] = field(default_factory=dict, repr=False, compare=False)
     payoff: dict[int, Pooled] = field(default_factory=dict, repr=False, compare=False)
+    forget: dict[int, list[int]] = field(default_factory=dict, repr=False, compare=False)
 
     def observe_step(self, rows: int, nodes: int, context: float, target_seconds: float, step_seconds: float,
                      lockstep, draft_seconds: float = 0.0, draft_rounds: Sequence[tuple[int, int]] = ()) -> None:
@@ -285,15 +287,31 @@ class CostModel:
         start that found none cost its forward all the same) joins the drafted ones (`payoff`: the
         seconds plain decoding would have taken for their tokens, at its rate then, over the
         seconds they took; before any plain step, one token a row in a target forward of t(B, 1)
-        and the loop's work per row, as learned, stand in for that rate) -> that record."""
+        and the loop's work per row, as learned, stand in for that rate) -> that record.
+
+        A losing record stops the drafting that would update it, so one slow patch of the machine
+        could keep drafting off for good: after FORGET_AFTER plain steps of this many rows it is
+        forgotten, and the cost model decides again until drafted steps make a new one; the wait
+        doubles each time a record is forgotten, and starts over once drafted steps pay."""
         plain = self.plain.setdefault(rows, Pooled(0.0))
         if not drafted:
             plain.add(tokens, seconds)
+            payoff = self.payoff.get(rows)
+            if payoff is not None and payoff.seen and payoff.value < 1.0:
+                waited = self.forget.setdefault(rows, [0, FORGET_AFTER])  # [plain steps since, the wait]
+                waited[0] += 1
+                if waited[0] >= waited[1]:
+                    del self.payoff[rows]
+                    waited[:] = [0, 2 * waited[1]]
             return None
         rate = plain.value if plain.seen else rows / (
             self.target_seconds(1, context, rows=rows) + self.overhead.value * rows)
         payoff = self.payoff.setdefault(rows, Pooled(1.0))
         payoff.add(tokens / rate, seconds)
+        if payoff.value >= 1.0:
+            self.forget.pop(rows, None)
+        elif rows in self.forget:
+            self.forget[rows][0] = 0
         return payoff
 
     def target_seconds(self, nodes: int, context: int, rows: int | None = None) -> float:

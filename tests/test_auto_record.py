@@ -138,3 +138,35 @@ def test_a_batch_leaves_its_rows_catch_ups_out_of_the_record():
     planners[1].begin(100)
     load.settle(costs, 3, 0.050, nodes=1)
     assert costs.payoff[2].value == pytest.approx(3 / 200 / 0.012)
+
+
+def test_a_losing_record_is_forgotten_after_plain_steps_so_drafting_is_tried_again():
+    """A losing record of B rows keeps new sequences from starting (their first start is priced at
+    the whole prompt), so nothing would update it: after FORGET_AFTER plain steps of B rows it is
+    forgotten and the cost model decides again. The wait doubles each time, a drafted step that
+    still loses restarts it, and one that pays starts it over at FORGET_AFTER."""
+    from specdec.costs import FORGET_AFTER
+
+    costs = CostModel(curve(0.010, 0.011), curve(0.002, 0.002))
+    costs.record(4, 100, 4, 0.010, drafted=False)  # plain: 400 tok/s
+    costs.record(4, 100, 4, 0.012, drafted=True)  # drafted: 0.83x
+    for _ in range(FORGET_AFTER - 1):
+        costs.record(4, 100, 4, 0.010, drafted=False)
+    assert costs.payoff[4].value == pytest.approx(0.010 / 0.012)
+    planner = Planner(costs)
+    planner.load = Load(rows=4, context=100, waiting={planner})
+    planner.top_prob = 0.9
+    assert planner._losing()
+    costs.record(4, 100, 4, 0.010, drafted=False)
+    assert 4 not in costs.payoff and not planner._losing()  # forgotten: the cost model decides
+    assert costs.record(4, 100, 4, 0.012, drafted=True).value < 1.0  # losing again
+    for _ in range(2 * FORGET_AFTER - 1):
+        costs.record(4, 100, 4, 0.010, drafted=False)
+    costs.record(4, 100, 4, 0.012, drafted=True)  # still losing: the wait restarts
+    for _ in range(2 * FORGET_AFTER - 1):
+        costs.record(4, 100, 4, 0.010, drafted=False)
+    assert 4 in costs.payoff
+    costs.record(4, 100, 4, 0.010, drafted=False)
+    assert 4 not in costs.payoff  # after twice the first wait
+    costs.record(4, 100, 12, 0.012, drafted=True)  # a drafted step that pays
+    assert costs.forget.get(4) is None and costs.payoff[4].value > 1.0
