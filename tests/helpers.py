@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.config import GenerationOptions
 from specdec.decoder import SpeculativeDecoder
 from specdec.plugins import get_strategy
+
+
+def load_script(name: str):
+    """A fresh copy of scripts/NAME.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_decoder(target_model, draft_model, strategy: str = "chain", tokenizer=None, fixed_context: int | None = None,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_decoder
+from helpers import load_script, make_decoder
 from specdec.bench.prompts import load_questions
 from specdec.backends.batched import BatchedPyTorch
 from specdec.backends.pytorch import PyTorchBackend
@@ -486,12 +486,8 @@ def test_control_a_batched_row_without_the_residual_is_detected(monkeypatch):
 def test_the_forward_cost_script_times_each_batch_size_at_each_capacity(llama_export, monkeypatch):
     # scripts/batch_forward_cost.py: every (B, C) is timed over buffers of exactly C slots
     import functools
-    import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "batch_forward_cost.py"
-    spec = importlib.util.spec_from_file_location("batch_forward_cost", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("batch_forward_cost")
     target = onnx_target(llama_export)
     shapes = set()
     execute = target.execute
@@ -510,12 +506,7 @@ def test_the_forward_cost_script_times_each_batch_size_at_each_capacity(llama_ex
 
 def test_the_prefill_cost_script_alternates_the_prompts_alone_and_joined(monkeypatch):
     # scripts/prefill_cost.py: per round each prompt prefilled alone, then all of them as one sequence
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "prefill_cost.py"
-    spec = importlib.util.spec_from_file_location("prefill_cost", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("prefill_cost")
     target, _ = tiny_pair()
     backend = PyTorchBackend(target)
     lengths = []

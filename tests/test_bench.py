@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from helpers import load_script
 from specdec.bench.methods import Sample, expand_sweeps
 from specdec.bench.prompts import load_questions
 from specdec.bench.report import summarise
@@ -230,13 +231,7 @@ def test_a_llama_cpp_mismatch_with_ar_is_reported_but_expected(repo_mirror, monk
 
 
 def profile_script():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("profile_llama_cpp", Path(__file__).resolve().parents[1] / "scripts" / "profile_llama_cpp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("profile_llama_cpp")
 
 
 def test_the_llama_cpp_profile_script_times_q_tokens_over_c_cached(monkeypatch, capsys):
@@ -275,13 +270,10 @@ def test_the_llama_cpp_profile_script_without_the_extra_is_one_line(monkeypatch,
 def test_against_commit_runs_both_checkouts_alternating(monkeypatch, tmp_path, capsys):
     """scripts/against_commit.py, with this checkout as the other too: every repeat runs both, in
     alternating order, and each config's ratio to `ar` is printed per repeat and as medians."""
-    import importlib.util
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("against_commit", root / "scripts" / "against_commit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("against_commit")
     monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     assert module.main([str(root), str(root / "configs" / "chain.yaml"), "--repeats", "2", "--limit", "2", "--max-new-tokens", "4"]) == 0

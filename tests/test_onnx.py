@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
 
-from helpers import hf_greedy, make_decoder  # noqa: E402
+from helpers import hf_greedy, load_script, make_decoder  # noqa: E402
 from specdec.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeOptions, create_session  # noqa: E402
 from specdec.backends.pytorch import PyTorchBackend  # noqa: E402
 from specdec.cli import main  # noqa: E402
@@ -153,13 +153,7 @@ def test_a_prefill_returns_the_last_logits_alone_from_format_4(exports, format3,
 
 
 def test_compare_prefill_times_both_exports_in_turn(exports, format3, monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_prefill.py"
-    spec = importlib.util.spec_from_file_location("compare_prefill", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("compare_prefill")
     backends = {v: OnnxRuntimeBackend.load(str(f), OnnxRuntimeOptions()) for v, f in (("5", exports["llama"][1]), ("3", format3))}
     order = []
     prefill = OnnxRuntimeBackend.prefill
