@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
-import torch
-
+from specdec.backends.batched_onnx import time_runs
 from specdec.batch import batched_backend
 from specdec.decoder import SpeculativeDecoder
 
@@ -27,16 +25,7 @@ def forward_costs(targets: dict, sizes: list[int], capacities: list[int], rounds
     for _ in range(rounds):
         for (name, size), batch in batches.items():
             for capacity in capacities:
-                batch._fit(capacity)  # the buffers' capacity: C (a multiple of FIT_STEP) or the nearest above
-                used = min(capacity, 150) - 1  # every row holds this many entries
-                ids = torch.zeros(size, 1, dtype=torch.long)  # [B, 1]
-                positions = torch.full((size, 1), used)  # [B, 1]
-                visible = torch.ones(size, 1, used + 1, dtype=torch.bool)  # [B, 1, S + 1]
-                for repeat in range(6):
-                    start = time.perf_counter()
-                    batch._execute(0, ids, positions, [used] * size, visible)
-                    if repeat >= 2:  # the first runs of a new shape plan its memory
-                        seconds[(name, size, capacity)].append(time.perf_counter() - start)
+                seconds[(name, size, capacity)] += time_runs(batch, size, capacity, repeats=4)
     return {key: statistics.median(values) for key, values in seconds.items()}
 
 

@@ -3,6 +3,7 @@ sequence decoded alone, for every strategy, with prompts of different lengths an
 and are refilled at different steps."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -410,6 +411,77 @@ def test_an_onnxruntime_prompt_of_many_chunks_grows_the_capacity_once(llama_expo
     assert capacities == [3 * FIT_STEP]  # len(prompt) rounded up, in one growth
     want = PyTorchBackend(models("llama", 0)).model(torch.tensor([prompt])).logits[0, -1]
     assert torch.allclose(logits[0], want, atol=1e-4)
+
+
+def test_onnxruntime_rows_of_very_different_lengths_run_as_two_groups(llama_export, models, monkeypatch):
+    # one run would read every row at the long row's capacity; split, the long row reads its
+    # buffers in place and the short ones (not consecutive) a copy of their first FIT_STEP slots.
+    # Either way each row's logits are those it gets alone; where the split cannot pay (a run's
+    # fixed cost measured as infinite), one run
+    from specdec.backends.batched_onnx import FIT_STEP
+    from specdec.batch import batched_backend
+
+    target = onnx_target(llama_export)
+    reference = PyTorchBackend(models("llama", 0))
+    prompts = [[5, 6, 7], [(7 * i) % 90 + 3 for i in range(3 * FIT_STEP)], [8, 9], [10]]  # the long row between short ones
+    trees = {0: [11, 12], 1: [13], 2: [14, 15, 16], 3: [17]}
+    inputs = {b: (torch.tensor([t]), torch.arange(len(prompts[b]), len(prompts[b]) + len(t))[None],
+                  torch.ones(len(t), len(t), dtype=torch.bool).tril_()[None]) for b, t in trees.items()}
+    runs = []  # (rows, past slots) of each graph run
+    execute = target.execute
+    monkeypatch.setattr(target, "execute", lambda inputs, outputs: runs.append(tuple(inputs[3].shape[::2])) or execute(inputs, outputs))
+    for call_slots, want_runs in [(0.0, [(1, 4 * FIT_STEP), (3, FIT_STEP)]), (math.inf, [(4, 4 * FIT_STEP)])]:
+        target.call_slots = call_slots
+        batch = batched_backend(target, 4)
+        for row, prompt in zip(batch.rows, prompts):
+            row.prefill(torch.tensor([prompt]))
+        runs.clear()
+        logits = batch.forward_rows(inputs)
+        assert runs == want_runs
+        for b, prompt in enumerate(prompts):
+            want = reference.model(torch.tensor([prompt + trees[b]])).logits[0, len(prompt):]
+            assert torch.allclose(logits[b], want, atol=1e-4)
+
+
+def test_a_graph_runs_fixed_cost_is_measured_once_per_backend(llama_export, monkeypatch):
+    from specdec.batch import batched_backend
+
+    target = onnx_target(llama_export)
+    batch = batched_backend(target, 2)
+    runs = []
+    execute = target.execute
+    monkeypatch.setattr(target, "execute", lambda inputs, outputs: runs.append(1) or execute(inputs, outputs))
+    call_slots = batch.measure_call_slots()
+    assert call_slots > 0 and runs  # one row timed at two capacities
+    runs.clear()
+    assert batched_backend(target, 4).measure_call_slots() == call_slots and not runs  # kept for every batch over it
+
+
+@pytest.mark.parametrize("draft_kind", ["model", "eagle3"])
+def test_greedy_batch_split_into_groups_on_onnxruntime_equals_each_sequence_alone(draft_kind, llama_export, drafts,
+                                                                                   target_backend, tmp_path, monkeypatch):
+    # a long prompt among short ones, every call split where that reads fewer slots (a run's fixed
+    # cost taken as nothing): the logits, and an EAGLE-3 head's features, come back in row order
+    from specdec.backends.batched_onnx import BatchedOnnx
+
+    splits = []
+    groups = BatchedOnnx.groups
+    monkeypatch.setattr(BatchedOnnx, "measure_call_slots", lambda self: 0.0)
+    monkeypatch.setattr(BatchedOnnx, "groups", lambda self, used: splits.append(len(out := groups(self, used))) or out)
+    prompts = [[3, 17, 42], [(7 * i) % 90 + 3 for i in range(80)], [9, 9, 2], [60, 5]]
+    if draft_kind == "model":
+        component = get_strategy("chain")
+        decoder = SpeculativeDecoder(onnx_target(llama_export), PyTorchBackend(drafts("llama", "perturbed")),
+                                     component.cls(component.cls.Options(k=3)))
+    else:
+        from test_eagle3 import build_head, eagle_target, head_decoder
+
+        decoder = head_decoder(target_backend("onnxruntime"), build_head(eagle_target()), tmp_path, "chain", k=3)
+    alone = [decoder.generate(p, max_new_tokens=12).token_ids for p in prompts]
+    splits.clear()
+    batched = [out.token_ids for out in decoder.generate_batch(prompts, batch_size=4, max_new_tokens=12)]
+    assert batched == alone
+    assert 2 in splits
 
 
 # -- exact sampling on batched rows -----------------------------------------------------------------

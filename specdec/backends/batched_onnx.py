@@ -12,9 +12,20 @@ Each row's Q new entries (`present`, [k, H_kv, Q, D]) are then written at its ow
 used_b .. used_b + Q - 1; a padding query's entry lands past the row's real ones, where a later
 forward or commit overwrites it. Rows, bookkeeping and masks are shared with the pytorch path
 (specdec/backends/batched.py).
+
+Rows of very different lengths are split into two calls (`groups`) when that reads fewer slots: at
+B = 8 with one row of 1,800 entries and seven of under 192, one call reads 8 x 1,856 slots (123 ms
+on the AMD EPYC of BENCHMARKS.md), while the long row alone (40 ms) and the seven short rows over
+a copy of their first 192 slots (49 ms) read a ninth of that. Each extra call costs the graph's
+fixed work (the weights), which this measures once, as a number of row-slots
+(`measure_call_slots`).
 """
 
 from __future__ import annotations
+
+import math
+import statistics
+import time
 
 import torch
 
@@ -58,7 +69,70 @@ class BatchedOnnx(BatchedRows):
 
     def _call(self, span, ids, positions, used, visible):
         self._fit(max(used) + ids.shape[1])
-        return self._execute(0, ids, positions, used, visible)
+        groups = self.groups(used)
+        if len(groups) == 1:
+            return self._execute(groups[0][0], ids, positions, used, visible, past_slots=groups[0][1])
+        width, logits, features = max(used), None, None
+        for rows, slots in groups:  # each group's mask: its rows' first max(used) columns, then the new entries
+            index = torch.tensor(rows)
+            part_visible = torch.cat([visible[index, :, : max(used[b] for b in rows)], visible[index, :, width:]], dim=2)
+            part_logits, part_features = self._execute(rows, ids[index], positions[index], [used[b] for b in rows],
+                                                       part_visible, past_slots=slots)
+            if logits is None:
+                logits = part_logits.new_empty(span, *part_logits.shape[1:])  # [k, Q, V]
+                features = None if part_features is None else part_features.new_empty(span, *part_features.shape[1:])
+            logits[index] = part_logits
+            if features is not None:
+                features[index] = part_features
+        return logits, features
+
+    def groups(self, used: list[int]) -> list[tuple[list[int], int | None]]:
+        """The rows of a call (holding `used` entries each) as one or two graph runs, whichever
+        reads fewer row-slots, an extra run's fixed cost counted as `measure_call_slots` ->
+        [(rows, past slots: None to read the buffers in place, else a copy of that many first
+        slots)]. A run reads in place only over consecutive rows, at the whole capacity; a copy
+        costs its slots twice (written, then read). Two runs split the rows by length, or take a
+        range of consecutive rows (the long ones and those between them) in place and the others
+        from a copy."""
+        capacity, whole = self.cache.shape[3], list(range(len(used)))
+
+        def run(rows: list[int]) -> tuple[float, int | None]:
+            slots = max(1, min(capacity, -(-max(used[b] for b in rows) // FIT_STEP) * FIT_STEP))
+            copied = 2 * len(rows) * slots
+            if rows == list(range(rows[0], rows[-1] + 1)) and len(rows) * capacity <= copied:
+                return len(rows) * capacity, None
+            return copied, slots
+
+        order = sorted(whole, key=lambda b: -used[b])
+        firsts = [order[:split] for split in range(1, len(used))]
+        firsts += [whole[start:end] for start in whole for end in range(start + 1, len(used) + (start > 0))]
+        best = (len(used) * capacity, [(whole, None)])  # one run over all rows, in place
+        for first in firsts:
+            parts = [sorted(first), [b for b in whole if b not in first]]
+            (one, one_slots), (other, other_slots) = run(parts[0]), run(parts[1])
+            if one + other < best[0]:
+                best = (one + other, [(parts[0], one_slots), (parts[1], other_slots)])
+        if len(best[1]) == 1 or best[0] + self.measure_call_slots() >= len(used) * capacity:  # the extra run's fixed cost
+            return [(whole, None)]
+        return best[1]
+
+    def measure_call_slots(self) -> float:
+        """A graph run's fixed cost (the work that does not grow with the cache: the weights) as a
+        number of row-slots read, measured once on one row at two capacities: t(C) = r (F + C)
+        -> F; infinite (never split) where the reading cost does not show. Kept on the backend, for
+        every batch over it."""
+        if self.backend.call_slots is None:
+            small = FIT_STEP
+            large = min(1024, (self.backend.max_length - 1) // FIT_STEP * FIT_STEP)
+            probe = BatchedOnnx(self.backend, 1)
+            times = {small: [], large: []}
+            for _ in range(5):  # interleaved, so that a slow patch of the machine falls on both
+                for capacity in times:
+                    times[capacity] += time_runs(probe, 1, capacity, repeats=1, warmup=1)
+            short, long = statistics.median(times[small]), statistics.median(times[large])
+            per_slot = (long - short) / (large - small) if large > small else 0.0
+            self.backend.call_slots = short / per_slot - small if per_slot > 0 else math.inf
+        return self.backend.call_slots
 
     def prefill_row(self, index, input_ids, start):
         """In chunks of the backend's `prefill_chunk` tokens, as a single sequence's prefill; the
@@ -70,24 +144,26 @@ class BatchedOnnx(BatchedRows):
             length, used = chunk.shape[1], start + offset
             visible = torch.ones(1, length, used + length, dtype=torch.bool)  # [1, L, S + L]
             visible[0, :, used:] = torch.ones(length, length, dtype=torch.bool).tril_()
-            logits, chunk_features = self._execute(index, chunk, torch.arange(used, used + length)[None], [used], visible,
+            logits, chunk_features = self._execute([index], chunk, torch.arange(used, used + length)[None], [used], visible,
                                                    last_only=True, past_slots=max(used, 1))
             if chunk_features is not None:
                 features.append(chunk_features[0])
         return logits[:, -1], torch.cat(features) if features else None
 
-    def _execute(self, first: int, ids, positions, used: list[int], visible, last_only: bool = False,
+    def _execute(self, rows: list[int], ids, positions, used: list[int], visible, last_only: bool = False,
                  past_slots: int | None = None):
-        """One graph run over rows first .. first + k - 1 (see `BatchedRows._call`); logits of the
-        last position alone if `last_only` (where the export can skip the others). The graph reads
-        `past_slots` slots of the buffers (default all: a view, not a copy); a prefill reads only
-        its row's entries (a copy of them, or one masked sentinel slot when there are none), so it
-        does not attend over slots the other rows grew."""
+        """One graph run over `rows` (see `BatchedRows._call`; ids, positions, used and visible
+        are theirs, in that order); logits of the last position alone if `last_only` (where the
+        export can skip the others). With `past_slots` None the graph reads the buffers in place,
+        all their slots (`rows` must be consecutive: a view, not a copy); else a copy of their
+        first `past_slots` slots: a prefill reads only its row's entries (or one masked sentinel
+        slot when there are none), so it does not attend over slots the other rows grew."""
         count, query = ids.shape
-        rows = slice(first, first + count)
-        past = [t[rows] for t in self.kv]  # [k, H_kv, C, D] views
-        if past_slots is not None:
-            past = [t[:, :, :past_slots].contiguous() for t in past]
+        index = torch.tensor(rows, device=self.device)
+        if past_slots is None:
+            past = [t[rows[0] : rows[-1] + 1] for t in self.kv]  # [k, H_kv, C, D] views
+        else:
+            past = [t[:, :, :past_slots].index_select(0, index).contiguous() for t in self.kv]
         width, capacity = max(used), past[0].shape[2]
         mask = torch.zeros(count, 1, query, capacity + query, dtype=torch.bool)  # [k, 1, Q, C + Q]
         mask[:, 0, :, :width] = visible[:, :, :width]
@@ -95,9 +171,8 @@ class BatchedOnnx(BatchedRows):
         kept = self.backend.logit_count(query, last_only)
         outputs, presents = self._outputs(count, query, kept)
         self.backend.execute(self.backend.graph_inputs(ids, positions, mask, past, kept), outputs)
-        index = torch.arange(first, first + count, device=self.device)[:, None]  # [k, 1]
         slots = (torch.tensor(used)[:, None] + torch.arange(query)).to(self.device)  # [k, Q]
-        self.cache[:, index, :, slots] = presents.permute(1, 3, 0, 2, 4)  # [k, Q, 2L, H_kv, D]
+        self.cache[:, index[:, None], :, slots] = presents.permute(1, 3, 0, 2, 4)  # [k, Q, 2L, H_kv, D]
         columns = self.backend._feature_columns
         features = outputs[-1].index_select(2, columns) if columns is not None else None  # [k, Q, F]
         return outputs[0].float(), features
@@ -112,3 +187,21 @@ class BatchedOnnx(BatchedRows):
         logits, *features = (torch.empty(count, *t.shape[1:], dtype=t.dtype, device=self.device)
                              for t in [one[0], *one[1 + layers :]])
         return [logits, *presents.unbind(0), *features], presents
+
+
+def time_runs(batch: BatchedOnnx, rows: int, capacity: int, repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds of `repeats` graph runs of one query per row over rows 0 .. rows - 1 of `batch`,
+    whose buffers hold `capacity` slots (a multiple of FIT_STEP, or the nearest above), after
+    `warmup` runs (the first runs of a new shape plan its memory)."""
+    batch._fit(capacity)
+    used = min(capacity, 150) - 1  # every row holds this many entries; the graph reads all slots anyway
+    ids = torch.zeros(rows, 1, dtype=torch.long)  # [B, 1]
+    positions = torch.full((rows, 1), used)  # [B, 1]
+    visible = torch.ones(rows, 1, used + 1, dtype=torch.bool)  # [B, 1, S + 1]
+    seconds = []
+    for repeat in range(warmup + repeats):
+        start = time.perf_counter()
+        batch._execute(list(range(rows)), ids, positions, [used] * rows, visible)
+        if repeat >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return seconds
