@@ -24,7 +24,6 @@ fixed work (the weights), which this measures once, as a number of row-slots
 from __future__ import annotations
 
 import math
-import statistics
 import time
 
 import torch
@@ -97,15 +96,20 @@ class BatchedOnnx(BatchedRows):
         capacity, whole = self.cache.shape[3], list(range(len(used)))
 
         def run(rows: list[int]) -> tuple[float, int | None]:
-            slots = max(1, min(capacity, -(-max(used[b] for b in rows) // FIT_STEP) * FIT_STEP))
-            copied = 2 * len(rows) * slots
+            copy = min(capacity, max(slots[b] for b in rows))
+            copied = 2 * len(rows) * copy
             if rows == list(range(rows[0], rows[-1] + 1)) and len(rows) * capacity <= copied:
                 return len(rows) * capacity, None
-            return copied, slots
+            return copied, copy
 
-        order = sorted(whole, key=lambda b: -used[b])
+        slots = [max(1, -(-u // FIT_STEP) * FIT_STEP) for u in used]
+        fewest = sum(min(capacity, 2 * s) for s in slots) + (self.backend.call_slots or 0)  # what any split costs at least
+        if fewest >= len(used) * capacity:  # no split pays (most steps)
+            return [(whole, None)]
+        order, longest = sorted(whole, key=lambda b: -used[b]), max(whole, key=lambda b: used[b])
         firsts = [order[:split] for split in range(1, len(used))]
-        firsts += [whole[start:end] for start in whole for end in range(start + 1, len(used) + (start > 0))]
+        firsts += [whole[start:end] for start in range(longest + 1) for end in range(longest + 1, len(used) + 1)
+                   if end - start < len(used)]  # the in-place ranges holding the longest row
         best = (len(used) * capacity, [(whole, None)])  # one run over all rows, in place
         for first in firsts:
             parts = [sorted(first), [b for b in whole if b not in first]]
@@ -123,13 +127,13 @@ class BatchedOnnx(BatchedRows):
         every batch over it."""
         if self.backend.call_slots is None:
             small = FIT_STEP
-            large = min(1024, (self.backend.max_length - 1) // FIT_STEP * FIT_STEP)
+            large = min(2048, (self.backend.max_length - 1) // FIT_STEP * FIT_STEP)
             probe = BatchedOnnx(self.backend, 1)
             times = {small: [], large: []}
             for _ in range(5):  # interleaved, so that a slow patch of the machine falls on both
                 for capacity in times:
                     times[capacity] += time_runs(probe, 1, capacity, repeats=1, warmup=1)
-            short, long = statistics.median(times[small]), statistics.median(times[large])
+            short, long = min(times[small]), min(times[large])  # the least disturbed runs
             per_slot = (long - short) / (large - small) if large > small else 0.0
             self.backend.call_slots = short / per_slot - small if per_slot > 0 else math.inf
         return self.backend.call_slots
