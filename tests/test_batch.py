@@ -576,6 +576,24 @@ def test_the_forward_cost_script_times_each_batch_size_at_each_capacity(llama_ex
     assert order == ["a"] * 6 + ["b"] * 6 + ["a"] * 6 + ["b"] * 6
 
 
+def test_the_forward_cost_script_times_mixed_rows_in_one_run_and_in_groups(llama_export, monkeypatch):
+    # scripts/batch_forward_cost.py --mixed: the same step (its entries dropped after it) in one
+    # graph run and in the groups BatchedOnnx.groups chooses, here forced by a fixed cost of nothing
+    from specdec.backends.batched_onnx import FIT_STEP, BatchedOnnx
+
+    script = load_script("batch_forward_cost")
+    assert script.parse_lengths("100,20x3") == [100, 20, 20, 20]
+    target = onnx_target(llama_export)
+    monkeypatch.setattr(BatchedOnnx, "measure_call_slots", lambda self: self.backend.call_slots or 0.0)
+    runs = []
+    execute = target.execute
+    monkeypatch.setattr(target, "execute", lambda inputs, outputs: runs.append(tuple(inputs[3].shape[::2])) or execute(inputs, outputs))
+    one, grouped, groups = script.mixed_step_costs(target, [3 * FIT_STEP, 5, 5], rounds=2)
+    steps = [r for r in runs if r[0] > 1 or r[1] > FIT_STEP]  # past the prefills' one-row runs
+    assert one > 0 and grouped > 0 and groups == [([0], None), ([1, 2], FIT_STEP)]
+    assert steps.count((3, 4 * FIT_STEP)) == 3 and steps.count((1, 4 * FIT_STEP)) == 3  # one run, then the long row's group, per round
+
+
 def test_the_prefill_cost_script_alternates_the_prompts_alone_and_joined(monkeypatch):
     # scripts/prefill_cost.py: per round each prompt prefilled alone, then all of them as one sequence
     script = load_script("prefill_cost")
