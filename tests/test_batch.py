@@ -413,9 +413,11 @@ def test_an_onnxruntime_prompt_of_many_chunks_grows_the_capacity_once(llama_expo
     assert torch.allclose(logits[0], want, atol=1e-4)
 
 
-def test_onnxruntime_rows_of_very_different_lengths_run_as_two_groups(llama_export, models, monkeypatch):
+@pytest.mark.parametrize("long_row", [1, 0])
+def test_onnxruntime_rows_of_very_different_lengths_run_as_two_groups(long_row, llama_export, models, monkeypatch):
     # one run would read every row at the long row's capacity; split, the long row reads its
-    # buffers in place and the short ones (not consecutive) a copy of their first FIT_STEP slots.
+    # buffers in place and the short ones a copy of their first FIT_STEP slots (gathered where
+    # the long row sits between them, sliced where it comes first).
     # Either way each row's logits are those it gets alone; where the split cannot pay (a run's
     # fixed cost measured as infinite), one run
     from specdec.backends.batched_onnx import FIT_STEP
@@ -423,7 +425,8 @@ def test_onnxruntime_rows_of_very_different_lengths_run_as_two_groups(llama_expo
 
     target = onnx_target(llama_export)
     reference = PyTorchBackend(models("llama", 0))
-    prompts = [[5, 6, 7], [(7 * i) % 90 + 3 for i in range(3 * FIT_STEP)], [8, 9], [10]]  # the long row between short ones
+    prompts = [[5, 6, 7], [8, 9], [10]]
+    prompts.insert(long_row, [(7 * i) % 90 + 3 for i in range(3 * FIT_STEP)])
     trees = {0: [11, 12], 1: [13], 2: [14, 15, 16], 3: [17]}
     inputs = {b: (torch.tensor([t]), torch.arange(len(prompts[b]), len(prompts[b]) + len(t))[None],
                   torch.ones(len(t), len(t), dtype=torch.bool).tril_()[None]) for b, t in trees.items()}
@@ -468,7 +471,7 @@ def test_greedy_batch_split_into_groups_on_onnxruntime_equals_each_sequence_alon
     groups = BatchedOnnx.groups
     monkeypatch.setattr(BatchedOnnx, "measure_call_slots", lambda self: 0.0)
     monkeypatch.setattr(BatchedOnnx, "groups", lambda self, used: splits.append(len(out := groups(self, used))) or out)
-    prompts = [[3, 17, 42], [(7 * i) % 90 + 3 for i in range(80)], [9, 9, 2], [60, 5]]
+    prompts = [[3, 17, 42], [(7 * i) % 90 + 3 for i in range(110)], [9, 9, 2], [60, 5]]
     if draft_kind == "model":
         component = get_strategy("chain")
         decoder = SpeculativeDecoder(onnx_target(llama_export), PyTorchBackend(drafts("llama", "perturbed")),

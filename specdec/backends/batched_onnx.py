@@ -32,6 +32,7 @@ from specdec.backends.batched import BatchedRows
 from specdec.backends.clock import ForwardClock
 from specdec.backends.onnx_contract import OnnxContractBackend
 
+COPY_COST = 3  # a row-slot read from a copy costs this many read in place (copied, then read)
 FIT_STEP = 32  # capacity is the longest row rounded up to this many slots (resizing copies the cache)
 
 
@@ -90,20 +91,21 @@ class BatchedOnnx(BatchedRows):
         reads fewer row-slots, an extra run's fixed cost counted as `measure_call_slots` ->
         [(rows, past slots: None to read the buffers in place, else a copy of that many first
         slots)]. A run reads in place only over consecutive rows, at the whole capacity; a copy
-        costs its slots twice (written, then read). Two runs split the rows by length, or take a
-        range of consecutive rows (the long ones and those between them) in place and the others
-        from a copy."""
+        costs its slots three times (copying costs one to two reads: 15 rows of 160 slots of
+        SmolLM2-135M took 11 to 27 ms to copy and about 14 ms to read in the graph). Two runs
+        split the rows by length, or take a range of consecutive rows (the long ones and those
+        between them) in place and the others from a copy."""
         capacity, whole = self.cache.shape[3], list(range(len(used)))
 
         def run(rows: list[int]) -> tuple[float, int | None]:
             copy = min(capacity, max(slots[b] for b in rows))
-            copied = 2 * len(rows) * copy
+            copied = COPY_COST * len(rows) * copy
             if rows == list(range(rows[0], rows[-1] + 1)) and len(rows) * capacity <= copied:
                 return len(rows) * capacity, None
             return copied, copy
 
         slots = [max(1, -(-u // FIT_STEP) * FIT_STEP) for u in used]
-        fewest = sum(min(capacity, 2 * s) for s in slots) + (self.backend.call_slots or 0)  # what any split costs at least
+        fewest = sum(min(capacity, COPY_COST * s) for s in slots) + (self.backend.call_slots or 0)  # what any split costs at least
         if fewest >= len(used) * capacity:  # no split pays (most steps)
             return [(whole, None)]
         order, longest = sorted(whole, key=lambda b: -used[b]), max(whole, key=lambda b: used[b])
@@ -164,10 +166,12 @@ class BatchedOnnx(BatchedRows):
         slot when there are none), so it does not attend over slots the other rows grew."""
         count, query = ids.shape
         index = torch.tensor(rows, device=self.device)
-        if past_slots is None:
-            past = [t[rows[0] : rows[-1] + 1] for t in self.kv]  # [k, H_kv, C, D] views
+        if past_slots is None:  # [k, H_kv, C, D] views
+            past = [t[rows[0] : rows[-1] + 1] for t in self.kv]
+        elif rows == list(range(rows[0], rows[-1] + 1)):  # [k, H_kv, past_slots, D] copies; slicing copies faster than gathering
+            past = [t[rows[0] : rows[-1] + 1, :, :past_slots].contiguous() for t in self.kv]
         else:
-            past = [t[:, :, :past_slots].index_select(0, index).contiguous() for t in self.kv]
+            past = [t[:, :, :past_slots].index_select(0, index) for t in self.kv]
         width, capacity = max(used), past[0].shape[2]
         mask = torch.zeros(count, 1, query, capacity + query, dtype=torch.bool)  # [k, 1, Q, C + Q]
         mask[:, 0, :, :width] = visible[:, :, :width]
