@@ -13,12 +13,12 @@ used_b .. used_b + Q - 1; a padding query's entry lands past the row's real ones
 forward or commit overwrites it. Rows, bookkeeping and masks are shared with the pytorch path
 (specdec/backends/batched.py).
 
-Rows of very different lengths are split into two calls (`groups`) when that reads fewer slots: at
-B = 8 with one row of 1,800 entries and seven of under 192, one call reads 8 x 1,856 slots (123 ms
-on the AMD EPYC of BENCHMARKS.md), while the long row alone (40 ms) and the seven short rows over
-a copy of their first 192 slots (49 ms) read a ninth of that. Each extra call costs the graph's
-fixed work (the weights), which this measures once, as a number of row-slots
-(`measure_call_slots`).
+Rows of very different lengths are split into two graph runs (`groups`) when that reads fewer
+slots: at B = 8 with one row of 1,800 entries and seven of under 192, one run reads 8 x 1,856
+slots (123 ms on the AMD EPYC of BENCHMARKS.md), while the long row alone (40 ms) and the seven
+short rows over a copy of their first 192 slots (49 ms, and the copy) read under a quarter of
+that. Each extra run costs the graph's fixed work (the weights), which this measures once, as a
+number of row-slots (`measure_call_slots`).
 """
 
 from __future__ import annotations
