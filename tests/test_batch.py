@@ -447,16 +447,18 @@ def test_onnxruntime_rows_of_very_different_lengths_run_as_two_groups(long_row, 
 
 
 def test_a_graph_runs_fixed_cost_is_measured_once_per_backend(llama_export, monkeypatch):
+    from specdec.backends.batched_onnx import FIT_STEP
     from specdec.batch import batched_backend
 
     target = onnx_target(llama_export)
-    batch = batched_backend(target, 2)
     runs = []
     execute = target.execute
-    monkeypatch.setattr(target, "execute", lambda inputs, outputs: runs.append(1) or execute(inputs, outputs))
-    call_slots = batch.measure_call_slots()
-    assert call_slots > 0 and runs  # one row timed at two capacities
+    monkeypatch.setattr(target, "execute", lambda inputs, outputs: runs.append(inputs[3].shape[2]) or execute(inputs, outputs))
+    batched_backend(target, 2)  # measured as the batch is made, before any step is timed
+    large = min(2048, (target.max_length - 1) // FIT_STEP * FIT_STEP)
+    assert target.call_slots > 0 and set(runs) == {FIT_STEP, large}  # one row timed at two capacities
     runs.clear()
+    call_slots = target.call_slots
     assert batched_backend(target, 4).measure_call_slots() == call_slots and not runs  # kept for every batch over it
 
 
@@ -564,6 +566,7 @@ def test_the_forward_cost_script_times_each_batch_size_at_each_capacity(llama_ex
 
     script = load_script("batch_forward_cost")
     target = onnx_target(llama_export)
+    target.call_slots = math.inf  # a batch of rows measures a run's fixed cost as it is made: not here
     shapes = set()
     execute = target.execute
     monkeypatch.setattr(target, "execute", lambda inputs, outputs: shapes.add((inputs[0].shape[0], inputs[3].shape[2])) or execute(inputs, outputs))

@@ -48,6 +48,8 @@ class BatchedOnnx(BatchedRows):
         self.kv = list(self.cache.unbind(0))  # [B, H_kv, C, D] views, bound to the graph as they are
         self.clock = ForwardClock(self.device)
         super().__init__(backend, rows)
+        if rows > 1:
+            self.measure_call_slots()  # now, so that no step's timing holds it
 
     def buffers(self) -> list[torch.Tensor]:
         return self.kv
@@ -71,7 +73,7 @@ class BatchedOnnx(BatchedRows):
         self._fit(max(used) + ids.shape[1])
         groups = self.groups(used)
         if len(groups) == 1:
-            return self._execute(groups[0][0], ids, positions, used, visible, past_slots=groups[0][1])
+            return self._execute(groups[0][0], ids, positions, used, visible)
         width, logits, features = max(used), None, None
         for rows, slots in groups:  # each group's mask: its rows' first max(used) columns, then the new entries
             index = torch.tensor(rows)
@@ -126,7 +128,7 @@ class BatchedOnnx(BatchedRows):
         """A graph run's fixed cost (the work that does not grow with the cache: the weights) as a
         number of row-slots read, measured once on one row at two capacities: t(C) = r (F + C)
         -> F; infinite (never split) where the reading cost does not show. Kept on the backend, for
-        every batch over it."""
+        every batch over it; a batch of several rows measures it when it is made."""
         if self.backend.call_slots is None:
             small = FIT_STEP
             large = min(2048, (self.backend.max_length - 1) // FIT_STEP * FIT_STEP)
@@ -137,7 +139,7 @@ class BatchedOnnx(BatchedRows):
                     times[capacity] += time_runs(probe, 1, capacity, repeats=1, warmup=1)
             short, long = min(times[small]), min(times[large])  # the least disturbed runs
             per_slot = (long - short) / (large - small) if large > small else 0.0
-            self.backend.call_slots = short / per_slot - small if per_slot > 0 else math.inf
+            self.backend.call_slots = max(0.0, short / per_slot - small) if per_slot > 0 else math.inf
         return self.backend.call_slots
 
     def prefill_row(self, index, input_ids, start):
