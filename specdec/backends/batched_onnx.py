@@ -97,17 +97,20 @@ class BatchedOnnx(BatchedRows):
         SmolLM2-135M took 11 to 27 ms to copy and about 14 ms to read in the graph). Two runs
         split the rows by length, or take a range of consecutive rows (the long ones and those
         between them) in place and the others from a copy."""
-        capacity, whole = self.cache.shape[3], list(range(len(used)))
+        whole = list(range(len(used)))
+        if len(used) == 1:  # nothing to split (and a batch of one row has not measured `fixed`)
+            return [(whole, None)]
+        capacity, fixed = self.cache.shape[3], self.measure_call_slots()  # measured as the batch was made
 
         def run(rows: list[int]) -> tuple[float, int | None]:
             copy = min(capacity, max(slots[b] for b in rows))
             copied = COPY_COST * len(rows) * copy
-            if rows == list(range(rows[0], rows[-1] + 1)) and len(rows) * capacity <= copied:
+            if _consecutive(rows) and len(rows) * capacity <= copied:
                 return len(rows) * capacity, None
             return copied, copy
 
         slots = [max(1, -(-u // FIT_STEP) * FIT_STEP) for u in used]
-        fewest = sum(min(capacity, COPY_COST * s) for s in slots) + (self.backend.call_slots or 0)  # what any split costs at least
+        fewest = sum(min(capacity, COPY_COST * s) for s in slots) + fixed  # what any split costs at least
         if fewest >= len(used) * capacity:  # no split pays (most steps)
             return [(whole, None)]
         order, longest = sorted(whole, key=lambda b: -used[b]), max(whole, key=lambda b: used[b])
@@ -120,7 +123,7 @@ class BatchedOnnx(BatchedRows):
             (one, one_slots), (other, other_slots) = run(parts[0]), run(parts[1])
             if one + other < best[0]:
                 best = (one + other, [(parts[0], one_slots), (parts[1], other_slots)])
-        if len(best[1]) == 1 or best[0] + self.measure_call_slots() >= len(used) * capacity:  # the extra run's fixed cost
+        if len(best[1]) == 1 or best[0] + fixed >= len(used) * capacity:  # the extra run's fixed cost
             return [(whole, None)]
         return best[1]
 
@@ -170,7 +173,7 @@ class BatchedOnnx(BatchedRows):
         index = torch.tensor(rows, device=self.device)
         if past_slots is None:  # [k, H_kv, C, D] views
             past = [t[rows[0] : rows[-1] + 1] for t in self.kv]
-        elif rows == list(range(rows[0], rows[-1] + 1)):  # [k, H_kv, past_slots, D] copies; slicing copies faster than gathering
+        elif _consecutive(rows):  # [k, H_kv, past_slots, D] copies; slicing copies faster than gathering
             past = [t[rows[0] : rows[-1] + 1, :, :past_slots].contiguous() for t in self.kv]
         else:
             past = [t[:, :, :past_slots].index_select(0, index) for t in self.kv]
@@ -197,6 +200,10 @@ class BatchedOnnx(BatchedRows):
         logits, *features = (torch.empty(count, *t.shape[1:], dtype=t.dtype, device=self.device)
                              for t in [one[0], *one[1 + layers :]])
         return [logits, *presents.unbind(0), *features], presents
+
+
+def _consecutive(rows: list[int]) -> bool:
+    return rows == list(range(rows[0], rows[-1] + 1))
 
 
 def time_runs(batch: BatchedOnnx, rows: int, capacity: int, repeats: int, warmup: int = 2) -> list[float]:

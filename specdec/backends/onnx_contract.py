@@ -139,7 +139,7 @@ class OnnxContractBackend(TimedForwards, Backend):
 
     returns_features = True  # exports of format 3 (request_features refuses the others in one line)
     max_batch: int | None = None  # most rows one forward may run (a TensorRT engine's profile); None: any
-    call_slots: float | None = None  # a run's fixed cost in row-slots read: measured by BatchedOnnx when first needed
+    call_slots: float | None = None  # a run's fixed cost in row-slots read: measured as BatchedOnnx makes its first batch of rows
 
     def __init__(self, manifest: dict, device: torch.device, eos_token_ids=frozenset(), prefill_chunk: int = 256):
         self.manifest = manifest
