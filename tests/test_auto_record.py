@@ -50,6 +50,31 @@ def test_a_sequence_alone_backs_off_while_its_drafted_steps_lose_and_drafts_whil
     assert (planner.skip, planner.backoff) == (0, 1)
 
 
+def test_a_node_found_while_drafted_steps_lose_does_not_undo_the_backoff():
+    """Plain steps at 100 tok/s, drafted steps at 0.83x: a probe that finds a node keeps the
+    backoff it came from, and the record doubles it; once drafted steps pay, it drafts every step
+    again. (When each node reset it, the real pair's chain `auto`, whose draft's nodes are
+    accepted about half the time, kept drafting at 0.88x its plain steps and ran 0.90x `ar` at
+    B = 1.)"""
+    planner = Planner(CostModel(curve(0.010, 0.011), curve(0.002, 0.002)))
+    planner.begin(100)
+    planner.settle(stats(0.010), 100)
+    drafted(planner)
+    planner.settle(stats(0.012, nodes=1), 100)
+    assert (planner.skip, planner.backoff) == (1, 2)
+    assert not planner.should_draft()
+    drafted(planner)  # the probe finds a node: drafted steps have been losing, so the backoff stays
+    assert planner.backoff == 2
+    planner.settle(stats(0.012, nodes=1), 100)
+    assert planner.costs.payoff[1].value == pytest.approx(0.010 / 0.012)
+    assert (planner.skip, planner.backoff) == (2, 4)
+    assert not planner.should_draft() and not planner.should_draft()
+    drafted(planner)
+    planner.settle(stats(0.012, nodes=3, accepted=3), 100)  # 4 tokens: the three steps read 1.67x
+    assert planner.costs.payoff[1].value == pytest.approx(6 / 100 / 0.036)
+    assert (planner.skip, planner.backoff) == (0, 1)
+
+
 def test_a_start_that_found_nothing_backs_off_while_drafted_steps_lose():
     """A start that found no node is one position's news while drafting pays (`_promising`): the
     sequence starts again. Once the record reads drafted steps below plain ones, it backs off

@@ -327,13 +327,14 @@ class Planner:
     def end(self) -> None:
         """After proposing: this tree is final for the batch's step. When nothing paid, back off,
         unless alone (or the only row of the step) while drafting pays (`_promising`); when a
-        node paid, draft the next step (the record may yet back it off: `follow`)."""
+        node paid alone, the backoff starts over unless drafted steps have been losing (then a
+        node found by a probe does not undo the backoff: the record decides, `follow`)."""
         if self.load is not None:
             self.load.ended.add(self)
         if self.nodes == 0:
             if not (self.alone and self._promising()):
                 self._back_off()
-        elif self.alone:
+        elif self.alone and not self._losing():
             self.backoff = 1
 
     def _promising(self) -> bool:
