@@ -3,9 +3,12 @@ prompts at batch size B one after another, and a method's figure is the median o
 tokens per second over `ar`'s in the same repeat. A slow patch of this machine lasts seconds to
 minutes, so ratios within a repeat vary far less than the rates themselves. Also prints the draft
 nodes per step. `specdec bench --batch-size` reports the same medians with latency and output
-checks; this script is the quick way to weigh a change at a few batch sizes.
+checks; this script is the quick way to weigh a change at a few batch sizes. With `--steps`, also
+each method's mean step at the full batch, split into the target forward, the draft rounds
+(`Lockstep.run`, proposals included) and the rest (inputs, verification, commits, `auto`'s
+bookkeeping): where a method's steps cost more than `ar`'s with the same trees.
 
-    python scripts/paired_batch.py CONFIG [CONFIG ...] [--batch-sizes 8,16] [--repeats 5] [--limit 16]
+    python scripts/paired_batch.py CONFIG [CONFIG ...] [--batch-sizes 8,16] [--repeats 5] [--limit 16] [--steps]
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import statistics
 import time
 
+from specdec import batch
 from specdec.bench.methods import ar_decoder
 from specdec.bench.prompts import load_questions
 from specdec.decoder import SpeculativeDecoder
@@ -26,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--steps", action="store_true", help="also split each method's full-batch steps")
     args = parser.parse_args(argv)
+    steps: list[tuple[int, float, float, float]] = []  # (rows, seconds, target forward, draft rounds)
+    if args.steps:
+        _time_steps(steps)
     prompts = [question.turns[0] for question in load_questions(None, args.limit)]
     decoders = {path: SpeculativeDecoder.from_config(path) for path in args.configs}
     first = next(iter(decoders.values()))
@@ -37,18 +45,38 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size in batch_sizes:
         rates = {name: [] for name in decoders}
         nodes = {name: [] for name in decoders}
+        split = {name: [] for name in decoders}
         for repeat in range(args.repeats):
             order = list(decoders.items())
             for name, decoder in order if repeat % 2 == 0 else order[::-1]:  # as specdec bench: drift cancels
                 start = time.perf_counter()
+                steps.clear()
                 outputs = decoder.generate_batch(prompts, batch_size=batch_size, max_new_tokens=args.max_new_tokens)
                 rates[name].append(sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start))
                 nodes[name].append(sum(o.metrics.drafted_nodes for o in outputs) / sum(o.metrics.steps for o in outputs))
+                split[name] += [step[1:] for step in steps if step[0] == batch_size]
         for name in decoders:
             ratio = statistics.median(a / b for a, b in zip(rates[name], rates["ar"]))
             print(f"B {batch_size} {name}: {ratio:.3f}x ar, {statistics.median(nodes[name]):.2f} nodes/step "
                   f"({statistics.median(rates[name]):.1f} tok/s)", flush=True)
+            if split[name]:
+                total, forward, draft = (1000 * statistics.fmean(part) for part in zip(*split[name]))
+                print(f"  {len(split[name])} steps of {batch_size} rows: {total:.2f} ms a step, target forward {forward:.2f}, "
+                      f"draft rounds {draft:.2f}, rest {total - forward - draft:.2f}", flush=True)
     return 0
+
+
+def _time_steps(steps: list) -> None:
+    """Record every `BatchLoop.step`'s rows, seconds, target forward seconds and draft round seconds."""
+    step = batch.BatchLoop.step
+
+    def timed(loop):
+        rows, start, forwarded = len(loop.running), time.perf_counter(), loop.target.clock.seconds
+        finished = step(loop)
+        steps.append((rows, time.perf_counter() - start, loop.target.clock.seconds - forwarded, loop.lockstep.seconds))
+        return finished
+
+    batch.BatchLoop.step = timed
 
 
 if __name__ == "__main__":
