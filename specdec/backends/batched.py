@@ -24,6 +24,7 @@ Q = 3, S = 8; row 1's queries 1 and 2 are padding at slots 3 and 4, each seeing 
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 
 import torch
@@ -261,7 +262,10 @@ class Row(Backend):
     Options = BackendOptions
 
     def __init__(self, batch: BatchedRows, backend: Backend, index: int):
-        self.batch, self.index, self.name = batch, index, backend.name
+        # a weak reference: the batch holds its rows, and a cycle would keep its KV buffers alive
+        # after the batch is dropped, until Python's cyclic collector ran (hundreds of MB a
+        # `generate_batch` call)
+        self.batch, self.index, self.name = weakref.proxy(batch), index, backend.name
         self.vocab_size, self.max_length, self.device = backend.vocab_size, backend.max_length, backend.device
         self.eos_token_ids, self.num_layers = backend.eos_token_ids, backend.num_layers
         self.features: torch.Tensor | None = None
