@@ -6,7 +6,9 @@ nodes per step. `specdec bench --batch-size` reports the same medians with laten
 checks; this script is the quick way to weigh a change at a few batch sizes. With `--steps`, also
 each method's mean step at the full batch, split into the target forward, the draft rounds
 (`Lockstep.run`, proposals included) and the rest (inputs, verification, commits, `auto`'s
-bookkeeping): where a method's steps cost more than `ar`'s with the same trees.
+bookkeeping): where a method's steps cost more than `ar`'s with the same trees. Of the draft
+rounds, the catch-ups (a draft prefilled over a lag longer than a steady step's: a row's first
+start over its prompt, or a probe after skipped steps) are shown apart, with their count.
 
     python scripts/paired_batch.py CONFIG [CONFIG ...] [--batch-sizes 8,16] [--repeats 5] [--limit 16] [--steps]
 """
@@ -17,7 +19,7 @@ import argparse
 import statistics
 import time
 
-from specdec import batch
+from specdec import batch, lockstep
 from specdec.bench.methods import ar_decoder
 from specdec.bench.prompts import load_questions
 from specdec.decoder import SpeculativeDecoder
@@ -32,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--steps", action="store_true", help="also split each method's full-batch steps")
     args = parser.parse_args(argv)
-    steps: list[tuple[int, float, float, float]] = []  # (rows, seconds, target forward, draft rounds)
+    steps: list[tuple[int, float, float, float, float, int]] = []  # (rows, seconds, target forward, draft rounds,
+    # catch-up seconds, catch-ups)
     if args.steps:
         _time_steps(steps)
     prompts = [question.turns[0] for question in load_questions(None, args.limit)]
@@ -60,23 +63,37 @@ def main(argv: list[str] | None = None) -> int:
             print(f"B {batch_size} {name}: {ratio:.3f}x ar, {statistics.median(nodes[name]):.2f} nodes/step "
                   f"({statistics.median(rates[name]):.1f} tok/s)", flush=True)
             if split[name]:
-                total, forward, draft = (1000 * statistics.fmean(part) for part in zip(*split[name]))
+                total, forward, draft, catch_up = (1000 * statistics.fmean(part) for part in list(zip(*split[name]))[:4])
                 print(f"  {len(split[name])} steps of {batch_size} rows: {total:.2f} ms a step, target forward {forward:.2f}, "
-                      f"draft rounds {draft:.2f}, rest {total - forward - draft:.2f}", flush=True)
+                      f"draft rounds {draft:.2f} (catch-ups {catch_up:.2f}: {sum(s[4] for s in split[name])} of them), "
+                      f"rest {total - forward - draft:.2f}", flush=True)
     return 0
 
 
 def _time_steps(steps: list) -> None:
-    """Record every `BatchLoop.step`'s rows, seconds, target forward seconds and draft round seconds."""
-    step = batch.BatchLoop.step
+    """Record every `BatchLoop.step`'s rows, seconds, target forward seconds, draft round seconds,
+    and the seconds and count of its draft catch-ups (`lockstep.model_call`s that are not joint
+    forwards)."""
+    step, model_call = batch.BatchLoop.step, lockstep.model_call
+    catch_ups = [0.0, 0]
+
+    def timed_call(function, *args, row_forwards=0):
+        start = time.perf_counter()
+        result = model_call(function, *args, row_forwards=row_forwards)
+        if not row_forwards:
+            catch_ups[0], catch_ups[1] = catch_ups[0] + time.perf_counter() - start, catch_ups[1] + 1
+        return result
 
     def timed(loop):
         rows, start, forwarded = len(loop.running), time.perf_counter(), loop.target.clock.seconds
+        catch_ups[:] = [0.0, 0]
         finished = step(loop)
-        steps.append((rows, time.perf_counter() - start, loop.target.clock.seconds - forwarded, loop.lockstep.seconds))
+        steps.append((rows, time.perf_counter() - start, loop.target.clock.seconds - forwarded, loop.lockstep.seconds,
+                      *catch_ups))
         return finished
 
     batch.BatchLoop.step = timed
+    lockstep.model_call = timed_call
 
 
 if __name__ == "__main__":
