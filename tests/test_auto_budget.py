@@ -8,7 +8,7 @@ import specdec.decoder
 from helpers import hf_greedy
 from specdec.backends.pytorch import PyTorchBackend
 from specdec.config import GenerationOptions, resolve
-from specdec.costs import CostModel, Curve
+from specdec.costs import FORGET_AFTER, CostModel, Curve
 from specdec.decoder import SpeculativeDecoder
 from specdec.errors import SpecdecError
 from specdec.plugins import get_strategy
@@ -305,6 +305,26 @@ def test_a_row_of_a_batch_probes_only_when_a_typical_first_node_would_pay():
         planner.opened(1.0)  # a confident draft: a typical first node pays now
     planner.skip = 0
     assert planner.start(100, 1)
+
+
+def test_a_row_of_a_batch_does_not_probe_while_drafted_steps_of_its_batch_size_lose():
+    """As above, but the batch's drafted steps of 2 rows have run at 0.75x its plain steps: the
+    record already tells, so the row does not probe (on the demo pair at B = 16 each row probed
+    every 33 steps and the probes lost); once the record is forgotten (FORGET_AFTER plain steps),
+    it probes again. A losing record of 4 rows does not speak for 2."""
+    costs = CostModel(curve(0.030, 0.031), curve(0.010, 0.010))
+    for rows in (4, 2):
+        costs.record(rows, 100, rows, 0.030, drafted=False)
+        assert costs.record(rows, 100, rows, 0.040, drafted=True).value == pytest.approx(0.75)
+        if rows == 4:
+            assert _starts(Planner(costs), 100, rows=2) == [36, 36 + MAX_BACKOFF + 1]
+    planner = Planner(costs)
+    assert _starts(planner, 100, rows=2) == []
+    for _ in range(FORGET_AFTER):
+        costs.record(2, 100, 2, 0.030, drafted=False)
+    assert 2 not in costs.payoff
+    started = _starts(planner, 100, rows=2)
+    assert len(started) == 3 and all(b - a == MAX_BACKOFF + 1 for a, b in zip(started, started[1:]))
 
 
 def test_a_sequence_alone_starts_whenever_a_sure_first_node_would_pay():

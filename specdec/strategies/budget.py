@@ -55,7 +55,10 @@ that lose, so the first start must pay for the whole lag, and a new sequence doe
 prefill and first probes of a draft that has not been paying. A step in a batch starts drafting
 when a first node of the draft's recent top probability would pay; otherwise it backs off, and
 probes once the backoff is full if a sure first node could pay for catching the draft up over the
-whole lag: a probe that finds nothing has paid that catch-up for nothing. A sequence decoding alone
+whole lag (a probe that finds nothing has paid that catch-up for nothing), unless drafted steps of
+its batch size have been losing: their record already tells, and is forgotten in time (the demo
+pair's rows at B = 16, each probing every 33 steps, spent 2 to 4% of the steps on probes that
+lost). A sequence decoding alone
 (or the last row of a batch) starts unless even a sure first node could not pay: its start forward
 is its own, and the real probabilities it shows decide better than the recent mean (gated on the
 mean, the demo pair's chain `auto` ran 5% more target forwards at B = 1).
@@ -181,7 +184,9 @@ class Planner:
         doubling number of steps) without a forward; once the backoff is full, probe if a sure
         first node (draft probability 1) could pay for a start forward over the whole lag (after
         skipped steps, or the draft's first prefill), so that no forward is spent on a probe that
-        cannot pay (in a full batch, the usual case). The start forward shows the draft's real
+        cannot pay (in a full batch, the usual case), and if drafted steps of this batch size have
+        not been losing (while they have, the record's forget rule decides when to try again:
+        `CostModel.record`). The start forward shows the draft's real
         confidence, and the nodes decide. A start that drafts is counted as `STEADY_LAG` entries
         at most: its catch-up serves the steps after it; a first start while drafted steps of this
         batch size have been losing is priced at the whole lag (`_losing`)."""
@@ -192,7 +197,7 @@ class Planner:
         priced = lag if not self.fed and self._losing() else feed
         sure = self.conditional("draft", 1, 1.0)
         if not self.pays(sure if self.alone else self.prospect(1.0, 0), feed_queries=priced):
-            if self.backoff < MAX_BACKOFF or not self.pays(sure, feed_queries=lag):
+            if self.backoff < MAX_BACKOFF or self._losing() or not self.pays(sure, feed_queries=lag):
                 self._back_off()
                 return self._decline()
         self.fed = True
