@@ -81,7 +81,7 @@ class BatchLoop:
         self.target = batched_backend(decoder.target, rows)
         self.costs = _batch_costs(decoder, rows)
         self.drafts, self.draft_rows = _row_drafts(decoder.draft, rows)
-        self.lockstep = Lockstep()
+        self.lockstep = Lockstep(joint=decoder.draft is not None)
         self.running: dict[int, Sequence] = {}  # row -> sequence, rows 0 .. n - 1
 
     def has_room(self) -> bool:

@@ -3,6 +3,7 @@ same round run as one joint call."""
 
 import threading
 
+import greenlet
 import pytest
 
 from specdec import lockstep
@@ -72,6 +73,22 @@ def test_a_lone_task_is_called_and_forwards_directly():
 
     assert Lockstep().run([task]) == [("solo", (7,))]
     assert seen == [threading.current_thread()] and Echo.calls == [["solo"]]
+
+
+def test_tasks_without_a_draft_are_called_one_after_another():
+    """Not joint (no row has a draft), no coroutine runs: each task runs to its end in turn, and a
+    forward it asks for anyway is a joint call of one."""
+    log: list[str] = []
+    seen = []
+
+    def task():
+        seen.append(greenlet.getcurrent())
+        return drafting("a", 2, log)()
+
+    step = Lockstep(joint=False)
+    assert step.run([task, drafting("b", 1, log)]) == [[("a", (0,)), ("a", (1,))], [("b", (0,))]]
+    assert log == ["a asks 0", "a asks 1", "a done", "b asks 0", "b done"]
+    assert Echo.calls == [["a"], ["a"], ["b"]] and seen == [greenlet.getcurrent()]
 
 
 def test_a_failing_task_raises_its_error_and_cancels_the_others():
