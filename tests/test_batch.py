@@ -218,6 +218,10 @@ def test_run_prompts_and_bench_batch_size_on_the_demo_pair(capsys, tmp_path):
     assert all(r["outputs_match_ar"] for r in report["runs"])
     assert all(r["decode_tokens_per_second"] > 0 for r in report["runs"])
     assert "decode tokens/s" in (tmp_path / "b" / "report.md").read_text()
+    linux = Path("/proc/stat").exists()
+    assert all((r["steal_percent"] is not None) == linux for r in report["runs"])
+    assert all(0.0 <= r["steal_percent"] <= 100.0 for r in report["runs"] if linux)
+    assert "| CPU steal % |" in (tmp_path / "b" / "report.md").read_text()
     code, _, err = run_cli(capsys, "bench", config, "--batch-size", "2", "--out", str(tmp_path / "c"))
     assert code == 1 and "only the ar baseline" in err and err.count("\n") == 1
 
@@ -231,6 +235,20 @@ def test_a_batched_report_names_the_default_prompt_file():
     report = {"device": "CPU", "versions": {"specdec": "0"}, "runs": [], "settings": settings}
     assert "16 prompts (first turns) from `benchmarks/prompts/code.jsonl`" in markdown(report)
     assert "from `p.jsonl`" in markdown({**report, "settings": {**settings, "prompts": "p.jsonl"}})
+
+
+def test_cpu_steal_is_read_from_proc_stat(tmp_path):
+    """The hypervisor's steal between two readings of /proc/stat, as a share of all the ticks."""
+    from specdec.bench.report import cpu_ticks, steal_percent
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 20 300 5 0 1 4 0 0\ncpu0 50 0 10 150 2 0 1 2 0 0\n")
+    before = cpu_ticks(stat)
+    assert before == (4, 430)
+    stat.write_text("cpu  250 0 30 320 5 0 1 24 0 0\n")
+    assert steal_percent(before, cpu_ticks(stat)) == pytest.approx(100 * 20 / 200)
+    assert cpu_ticks(tmp_path / "missing") is None and steal_percent(None, before) is None
+    assert steal_percent(before, before) is None  # no time between the readings
 
 
 def test_odd_repeats_run_the_methods_in_reverse_order(capsys, tmp_path, monkeypatch):

@@ -8,7 +8,9 @@ target forward and refills rows as sequences finish. Per method and batch size:
   steps): what batching the steps gives, apart from the prefills it cannot share;
 - time to first token: from submission to a request's first token (waiting for a row included);
 - inter-token latency: a block of n tokens emitted t after the request's previous block counts as
-  n gaps of t / n; p50 and p99 over every gap of every request.
+  n gaps of t / n; p50 and p99 over every gap of every request;
+- CPU steal: the share of the CPUs' time the hypervisor gave other guests during the method's runs
+  and `ar`'s (from /proc/stat), which tells a ratio that a shared machine decided.
 `ar` (the target alone through the same batched loop) is the reference at each batch size. A
 repeat runs every method at one B back to back before the next B, and a method's speedup is the
 median over repeats of its throughput over `ar`'s in the same repeat: pairs minutes apart on a
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from specdec.bench.methods import ar_decoder
 from specdec.bench.prompts import load_questions, prompt_file_name
-from specdec.bench.report import device_description, machine_lines, merge_metrics, versions
+from specdec.bench.report import cell, cpu_ticks, device_description, machine_lines, merge_metrics, steal_percent, versions
 from specdec.bench.runner import BenchSettings, build_decoders
 from specdec.errors import SpecdecError
 
@@ -41,6 +43,7 @@ class BatchRun:
     gaps: list[float]  # seconds, per emitted token after a request's first
     outputs: list[list[int]]
     metrics: list
+    steal: float | None = None  # % of the CPUs' time the hypervisor stole during the run (None: not known here)
 
 
 def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
@@ -84,6 +87,7 @@ def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
             "inter_token_p50_ms": 1e3 * percentile(median.gaps, 0.5),
             "inter_token_p99_ms": 1e3 * percentile(median.gaps, 0.99),
             "outputs_match_ar": median.outputs == ar.outputs if greedy else None,
+            "steal_percent": _mean_steal(repeats + ar_repeats),
         })
     return {"device": device_description(), "versions": versions(), "runs": rows, "settings": {
         "configs": settings.configs, "overrides": settings.overrides, "prompts": settings.prompts, "questions": len(questions),
@@ -105,13 +109,20 @@ def _run(decoder, inputs: dict, batch_size: int, max_new: int) -> BatchRun:
             gaps.extend([(now - last[index]) / len(block)] * len(block))
         last[index] = now
 
-    start = time.perf_counter()
+    ticks, start = cpu_ticks(), time.perf_counter()
     outputs = decoder.generate_batch(**inputs, batch_size=batch_size, on_tokens=on_tokens, max_new_tokens=max_new)
-    seconds = time.perf_counter() - start
+    seconds, steal = time.perf_counter() - start, steal_percent(ticks, cpu_ticks())
     tokens = sum(len(o.token_ids) for o in outputs)
     prefill_seconds = sum(o.metrics.prefill_seconds for o in outputs)
     decode = sum(max(0, len(o.token_ids) - 1) for o in outputs) / max(seconds - prefill_seconds, 1e-9)
-    return BatchRun(tokens / seconds, decode, first_token, gaps, [o.token_ids for o in outputs], [o.metrics for o in outputs])
+    return BatchRun(tokens / seconds, decode, first_token, gaps, [o.token_ids for o in outputs], [o.metrics for o in outputs],
+                    steal)
+
+
+def _mean_steal(runs: list[BatchRun]) -> float | None:
+    """The mean CPU steal of a method's runs and of `ar`'s it is compared with (None if unknown)."""
+    steals = [run.steal for run in runs]
+    return None if None in steals else statistics.fmean(steals)
 
 
 def _median(repeats: list[BatchRun]) -> BatchRun:
@@ -140,12 +151,12 @@ def markdown(report: dict) -> str:
         f"{'greedy' if s['greedy'] else 'sampling'}, median of {s['repeats']} repeats (speedups: of ratios within a repeat); configs {', '.join(s['configs'])}"
         + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else ""),
         "",
-        "| method | batch | tokens/s (all) | vs ar | decode tokens/s | tau | nodes/step | first token p50 ms | inter-token p50 ms | p99 ms | same as ar |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | batch | tokens/s (all) | vs ar | decode tokens/s | tau | nodes/step | first token p50 ms | inter-token p50 ms | p99 ms | same as ar | CPU steal % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in report["runs"]:
         match = {True: "yes", False: "**NO**", None: "-"}[r["outputs_match_ar"]]
         lines.append(f"| {r['name']} | {r['batch_size']} | {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f}x | "
                      f"{r['decode_tokens_per_second']:.1f} | {r['mean_accepted_length']:.2f} | {r['drafted_nodes_per_step']:.1f} | {r['first_token_p50_ms']:.0f} | "
-                     f"{r['inter_token_p50_ms']:.1f} | {r['inter_token_p99_ms']:.1f} | {match} |")
+                     f"{r['inter_token_p50_ms']:.1f} | {r['inter_token_p99_ms']:.1f} | {match} | {cell(r.get('steal_percent'), '.1f')} |")
     return "\n".join(lines) + "\n"

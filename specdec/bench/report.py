@@ -122,6 +122,24 @@ def device_description() -> str:
     return f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def cpu_ticks(stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
+    """(steal, all) clock ticks of every CPU since boot, from /proc/stat (None where there is none):
+    steal is the time the hypervisor ran other guests while this VM's cores were ready to run."""
+    try:
+        line = stat.read_text().split("\n", 1)[0]  # cpu user nice system idle iowait irq softirq steal ...
+        ticks = [int(value) for value in line.split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (ticks[7], sum(ticks)) if len(ticks) == 8 else None
+
+
+def steal_percent(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the CPUs' time between two `cpu_ticks()` readings that the hypervisor stole, in %."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100 * (after[0] - before[0]) / (after[1] - before[1])
+
+
 def versions() -> dict:
     import transformers
 
@@ -146,7 +164,7 @@ def _answer(model_id: str, question_id: str, turns, tokenizer) -> dict:
         "wall_time": [s.seconds for s in turns], "accept_lengths": [s.accept_lengths for s in turns]}]}
 
 
-def _cell(value, fmt: str) -> str:
+def cell(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
@@ -173,11 +191,11 @@ def markdown(report: dict) -> str:
         match = {True: "yes", False: "**NO**" if r["expected_to_match_ar"] else other, None: "-"}[r["outputs_match_ar"]]
         lines.append(
             f"| {r['name']} | {r['strategy']} | {r['backend']} | {r['tokens_per_second']:.1f} | "
-            f"{_cell(r['speedup_vs_ar'], '.2f')}x | {_cell(r['mean_accepted_length'], '.2f')} | "
-            f"{_cell(r['drafted_nodes_per_step'], '.1f')} | "
-            f"{_cell(r['target_forwards'], '.1f')} | {_cell(r['draft_forwards_per_step'], '.2f')} | "
-            f"{_cell(r['draft_time_share'], '.0%')} | {_cell(r['verify_time_share'], '.0%')} | "
-            f"{_cell(r['other_time_share'], '.0%')} | {match} |"
+            f"{cell(r['speedup_vs_ar'], '.2f')}x | {cell(r['mean_accepted_length'], '.2f')} | "
+            f"{cell(r['drafted_nodes_per_step'], '.1f')} | "
+            f"{cell(r['target_forwards'], '.1f')} | {cell(r['draft_forwards_per_step'], '.2f')} | "
+            f"{cell(r['draft_time_share'], '.0%')} | {cell(r['verify_time_share'], '.0%')} | "
+            f"{cell(r['other_time_share'], '.0%')} | {match} |"
         )
     categories = sorted({c for r in report["runs"] for c in r["tau_by_category"]})
     if categories:
@@ -185,22 +203,22 @@ def markdown(report: dict) -> str:
                   "| method | " + " | ".join(categories) + " |", "|---|" + "---:|" * len(categories)]
         for r in report["runs"]:
             if r["tau_by_category"]:
-                cells = " | ".join(_cell(r["tau_by_category"].get(c), ".2f") for c in categories)
+                cells = " | ".join(cell(r["tau_by_category"].get(c), ".2f") for c in categories)
                 lines.append(f"| {r['name']} | {cells} |")
     merging = [r for r in report["runs"] if r["strategy"] == "gsd"]
     if merging:
         lines += ["", "GSD merging (unrolled nodes are verified; DAG nodes are drafted):", "",
                   "| method | unrolled nodes/step | DAG nodes/step | merged share of accepted tokens |", "|---|---:|---:|---:|"]
         for r in merging:
-            lines.append(f"| {r['name']} | {_cell(r['drafted_nodes_per_step'], '.1f')} | "
-                         f"{_cell(r['dag_nodes_per_step'], '.1f')} | {_cell(r['merged_share'] or 0.0, '.1%')} |")
+            lines.append(f"| {r['name']} | {cell(r['drafted_nodes_per_step'], '.1f')} | "
+                         f"{cell(r['dag_nodes_per_step'], '.1f')} | {cell(r['merged_share'] or 0.0, '.1%')} |")
     depth = max((len(r["acceptance_by_depth"]) for r in report["runs"]), default=0)
     if depth:
         lines += ["", "acceptance by draft position (share of steps whose tree reached position d that accepted a token there):",
                   "", "| method | " + " | ".join(str(d) for d in range(1, depth + 1)) + " |", "|---|" + "---:|" * depth]
         for r in report["runs"]:
             if r["acceptance_by_depth"]:
-                cells = [_cell(a, ".2f") for a in r["acceptance_by_depth"]] + ["-"] * (depth - len(r["acceptance_by_depth"]))
+                cells = [cell(a, ".2f") for a in r["acceptance_by_depth"]] + ["-"] * (depth - len(r["acceptance_by_depth"]))
                 lines.append(f"| {r['name']} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
