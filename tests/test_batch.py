@@ -253,7 +253,9 @@ def test_cpu_steal_is_read_from_proc_stat(tmp_path):
 
 def test_odd_repeats_run_the_methods_in_reverse_order(capsys, tmp_path, monkeypatch):
     """A machine drifting within a repeat then favours a method against ar in one repeat and ar
-    in the next."""
+    in the next. Each row's CPU steal is its own runs' mean."""
+    import dataclasses
+
     import specdec.bench.batched as batched
     from test_cli import run_cli
 
@@ -261,7 +263,8 @@ def test_odd_repeats_run_the_methods_in_reverse_order(capsys, tmp_path, monkeypa
 
     def recording(decoder, inputs, batch_size, max_new):
         order.append(decoder.strategy.name)
-        return run(decoder, inputs, batch_size, max_new)
+        steal = 1.0 if decoder.strategy.name == "ar" else 2.0 + order.count("chain")  # chain: 3, 4, 5
+        return dataclasses.replace(run(decoder, inputs, batch_size, max_new), steal=steal)
 
     monkeypatch.setattr(batched, "_run", recording)
     config = str(Path(__file__).resolve().parents[1] / "configs" / "chain.yaml")
@@ -269,6 +272,8 @@ def test_odd_repeats_run_the_methods_in_reverse_order(capsys, tmp_path, monkeypa
                            "--max-new-tokens", "4", "--repeats", "3", "--warmup", "0", "--out", str(tmp_path / "b"))
     assert code == 0, err
     assert order == ["ar", "chain", "chain", "ar", "ar", "chain"]
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert [(r["name"], r["steal_percent"]) for r in report["runs"]] == [("ar", 1.0), ("chain", 4.0)]
 
 
 def test_a_batched_speedup_pairs_each_repeat_with_ars():

@@ -10,7 +10,8 @@ target forward and refills rows as sequences finish. Per method and batch size:
 - inter-token latency: a block of n tokens emitted t after the request's previous block counts as
   n gaps of t / n; p50 and p99 over every gap of every request;
 - CPU steal: the share of the CPUs' time the hypervisor gave other guests during the method's runs
-  and `ar`'s (from /proc/stat), which tells a ratio that a shared machine decided.
+  (from /proc/stat): a method's steal far from `ar`'s at the same B tells a ratio that a shared
+  machine decided.
 `ar` (the target alone through the same batched loop) is the reference at each batch size. A
 repeat runs every method at one B back to back before the next B, and a method's speedup is the
 median over repeats of its throughput over `ar`'s in the same repeat: pairs minutes apart on a
@@ -87,7 +88,7 @@ def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
             "inter_token_p50_ms": 1e3 * percentile(median.gaps, 0.5),
             "inter_token_p99_ms": 1e3 * percentile(median.gaps, 0.99),
             "outputs_match_ar": median.outputs == ar.outputs if greedy else None,
-            "steal_percent": _mean_steal(repeats + ar_repeats),
+            "steal_percent": _mean_steal(repeats),
         })
     return {"device": device_description(), "versions": versions(), "runs": rows, "settings": {
         "configs": settings.configs, "overrides": settings.overrides, "prompts": settings.prompts, "questions": len(questions),
@@ -120,7 +121,7 @@ def _run(decoder, inputs: dict, batch_size: int, max_new: int) -> BatchRun:
 
 
 def _mean_steal(runs: list[BatchRun]) -> float | None:
-    """The mean CPU steal of a method's runs and of `ar`'s it is compared with (None if unknown)."""
+    """The mean CPU steal of a method's runs (None if unknown)."""
     steals = [run.steal for run in runs]
     return None if None in steals else statistics.fmean(steals)
 
