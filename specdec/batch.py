@@ -113,7 +113,8 @@ class BatchLoop:
         start, forwarded = time.perf_counter(), self.target.clock.seconds
         emitted = sum(len(sequence.generated) for sequence in sequences)
         drafted = self.draft_rows.clock.seconds if self.draft_rows is not None else 0.0
-        trees = dict(zip(order, self.lockstep.run([sequence.propose for sequence in sequences])))
+        backing_off = [s.strategy.planner is not None and not s.strategy.planner.may_draft for s in sequences]
+        trees = dict(zip(order, self.lockstep.run([sequence.propose for sequence in sequences], direct=backing_off)))
         drafted = self.draft_rows.clock.seconds - drafted if self.draft_rows is not None else 0.0
         logits = self.target.forward_rows({row: self.running[row].target_inputs(tree) for row, tree in trees.items()})
         forwarded = self.target.clock.seconds - forwarded

@@ -92,8 +92,10 @@ def test_speculation_stops_when_the_batch_fills_and_returns_as_it_drains(label, 
 
 def test_rows_that_never_draft_never_run_the_draft_model(models, monkeypatch):
     """In a batch too full for any node to pay, the draft model is never prefilled nor run: the
-    rows finish together, so none ever drafts alone."""
+    rows finish together, so none ever drafts alone. A row backing off proposes without a
+    coroutine (`Lockstep.run`'s `direct`)."""
     from specdec.backends.batched import BatchedPyTorch
+    from specdec.lockstep import Lockstep
 
     target = models("llama", 0)
     decoder = auto_decoder(target, target, "chain", CROWDED, monkeypatch)
@@ -102,9 +104,12 @@ def test_rows_that_never_draft_never_run_the_draft_model(models, monkeypatch):
     for name in ("prefill_row", "forward_rows"):
         original = getattr(BatchedPyTorch, name)
         monkeypatch.setattr(BatchedPyTorch, name, lambda self, *a, _o=original, _n=name: (calls.append((self, _n)), _o(self, *a))[1])
+    flags, run = [], Lockstep.run
+    monkeypatch.setattr(Lockstep, "run", lambda self, tasks, direct=(): (flags.append(list(direct)), run(self, tasks, direct))[1])
     outputs = decoder.generate_batch(PROMPTS[:3], batch_size=3, max_new_tokens=12, ignore_eos=True)
     assert [o.token_ids for o in outputs] == [hf_greedy(target, p, 12) for p in PROMPTS[:3]]
     assert plans and all(rows == 3 and nodes == 0 for rows, nodes in plans)
+    assert flags[0] == [False] * 3 and [True] * 3 in flags  # the first step tries; backing off, no coroutines
     assert len({model for model, _ in calls}) == 1  # one batched model ran: the target; the draft's never did
     assert [name for _, name in calls].count("prefill_row") == 3  # the three prompts
 

@@ -91,6 +91,23 @@ def test_tasks_without_a_draft_are_called_one_after_another():
     assert Echo.calls == [["a"], ["a"], ["b"]] and seen == [greenlet.getcurrent()]
 
 
+def test_a_direct_task_is_called_in_its_turn_and_the_others_still_share_rounds():
+    """A task marked direct (expected to ask for no forward) runs on the calling greenlet in its
+    turn; a forward it asks for anyway is a joint call of one."""
+    log: list[str] = []
+    seen = []
+
+    def direct():
+        seen.append(greenlet.getcurrent())
+        return drafting("b", 1, log)()
+
+    step = Lockstep()
+    results = step.run([drafting("a", 2, log), direct, drafting("c", 1, log)], direct=[False, True, False])
+    assert results == [[("a", (0,)), ("a", (1,))], [("b", (0,))], [("c", (0,))]]
+    assert log == ["a asks 0", "b asks 0", "b done", "c asks 0", "a asks 1", "c done", "a done"]
+    assert Echo.calls == [["b"], ["a", "c"], ["a"]] and seen == [greenlet.getcurrent()]
+
+
 def test_a_failing_task_raises_its_error_and_cancels_the_others():
     log: list[str] = []
 
