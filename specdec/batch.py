@@ -81,7 +81,7 @@ class BatchLoop:
         self.target = batched_backend(decoder.target, rows)
         self.costs = _batch_costs(decoder, rows)
         self.drafts, self.draft_rows = _row_drafts(decoder.draft, rows)
-        self.lockstep = Lockstep(joint=decoder.draft is not None)
+        self.lockstep = Lockstep()
         self.running: dict[int, Sequence] = {}  # row -> sequence, rows 0 .. n - 1
 
     def has_room(self) -> bool:
@@ -113,8 +113,8 @@ class BatchLoop:
         start, forwarded = time.perf_counter(), self.target.clock.seconds
         emitted = sum(len(sequence.generated) for sequence in sequences)
         drafted = self.draft_rows.clock.seconds if self.draft_rows is not None else 0.0
-        backing_off = [s.strategy.planner is not None and not s.strategy.planner.may_draft for s in sequences]
-        trees = dict(zip(order, self.lockstep.run([sequence.propose for sequence in sequences], direct=backing_off)))
+        direct = [s.draft is None or (s.strategy.planner is not None and not s.strategy.planner.may_draft) for s in sequences]
+        trees = dict(zip(order, self.lockstep.run([sequence.propose for sequence in sequences], direct)))
         drafted = self.draft_rows.clock.seconds - drafted if self.draft_rows is not None else 0.0
         logits = self.target.forward_rows({row: self.running[row].target_inputs(tree) for row, tree in trees.items()})
         forwarded = self.target.clock.seconds - forwarded

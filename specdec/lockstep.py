@@ -71,13 +71,9 @@ def _call(kind: type, calls: list[tuple]) -> list:
 
 
 class Lockstep:
-    """Runs a step's tasks (one per row) as coroutines, batching their draft forwards per round.
-    Not `joint` (the rows have no draft: plain decoding, lookup strategies), the tasks are simply
-    called one after another: coroutines cost 40 to 80 us a row and step for nothing there (a
-    forward asked anyway runs as a joint call of one)."""
+    """Runs a step's tasks (one per row) as coroutines, batching their draft forwards per round."""
 
-    def __init__(self, joint: bool = True) -> None:
-        self.joint = joint
+    def __init__(self) -> None:
         self.seconds = self.host_seconds = 0.0  # of the last run
         self.row_forwards = 0
 
@@ -85,14 +81,15 @@ class Lockstep:
         """Call every task -> their results, in order (a lone task is simply called); set
         `seconds`, `host_seconds` (the run's time outside draft model calls: forwards, and a
         draft's first prefill) and `row_forwards`. A task marked `direct` (expected to ask for no
-        forward: a row whose `auto` budget is backing off) is simply called in its turn, without a
-        coroutine, which cost about 50 us a row in a step of the demo pair at B = 16; a forward it
-        asks for anyway runs as a joint call of one."""
+        forward: a row without a draft, or whose `auto` budget is backing off) is simply called in
+        its turn, without a coroutine, which cost about 50 us a row in a step of the demo pair at
+        B = 16; a forward it asks for anyway runs as a joint call of one."""
         global _tally
         _tally = tally = [0.0, 0]
         start = time.perf_counter()
         try:
-            return [task() for task in tasks] if len(tasks) == 1 or not self.joint else self._run(tasks, direct)
+            alone = len(tasks) == 1 or (len(direct) == len(tasks) and all(direct))
+            return [task() for task in tasks] if alone else self._run(tasks, direct)
         finally:
             _tally = None
             self.seconds = time.perf_counter() - start

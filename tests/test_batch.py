@@ -50,15 +50,20 @@ def stopped_early(decoder, batch_size: int, max_new_tokens: int = 20):
 
 
 @pytest.mark.parametrize("label, arch", [(label, "llama") for label in STRATEGIES] + [("chain", "gpt2"), ("dyspec", "qwen2")])
-def test_greedy_batch_equals_each_sequence_alone(label, arch, models, drafts):
+def test_greedy_batch_equals_each_sequence_alone(label, arch, models, drafts, monkeypatch):
+    from specdec.lockstep import Lockstep
+
     name, options = STRATEGIES[label]
     draft = drafts(arch, "perturbed") if name != "ar" else None
     decoder = make_decoder(models(arch, 0), draft, name, **options)
+    flags, run = [], Lockstep.run  # which proposals run without a coroutine
+    monkeypatch.setattr(Lockstep, "run", lambda self, tasks, direct=(): (flags.append(list(direct)), run(self, tasks, direct))[1])
     # 6 prompts through 4 rows: two join when the first rows finish; stop ids taken from two of the
     # outputs end some rows early
     alone, batched, outputs = stopped_early(decoder, 4)
     assert batched == alone
     assert len({len(t) for t in alone}) > 1  # rows really finished at different steps
+    assert flags and all(all(step) for step in flags) == (draft is None)  # no draft: no coroutines
     for out in outputs:
         assert out.metrics.new_tokens == len(out.token_ids) and out.metrics.target_forwards == out.metrics.steps + 1
 

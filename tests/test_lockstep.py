@@ -76,8 +76,8 @@ def test_a_lone_task_is_called_and_forwards_directly():
 
 
 def test_tasks_without_a_draft_are_called_one_after_another():
-    """Not joint (no row has a draft), no coroutine runs: each task runs to its end in turn, and a
-    forward it asks for anyway is a joint call of one."""
+    """Every task direct (no row has a draft), no coroutine runs: each task runs to its end in
+    turn, and a forward it asks for anyway is a joint call of one."""
     log: list[str] = []
     seen = []
 
@@ -85,8 +85,8 @@ def test_tasks_without_a_draft_are_called_one_after_another():
         seen.append(greenlet.getcurrent())
         return drafting("a", 2, log)()
 
-    step = Lockstep(joint=False)
-    assert step.run([task, drafting("b", 1, log)]) == [[("a", (0,)), ("a", (1,))], [("b", (0,))]]
+    step = Lockstep()
+    assert step.run([task, drafting("b", 1, log)], direct=[True, True]) == [[("a", (0,)), ("a", (1,))], [("b", (0,))]]
     assert log == ["a asks 0", "a asks 1", "a done", "b asks 0", "b done"]
     assert Echo.calls == [["a"], ["a"], ["b"]] and seen == [greenlet.getcurrent()]
 
