@@ -45,6 +45,17 @@ def drafting(name: str, forwards: int, log: list, backend_type=Echo):
     return task
 
 
+def recording(name: str, forwards: int, log: list, seen: list):
+    """`drafting`'s task that first notes the greenlet it runs on in `seen`."""
+    task = drafting(name, forwards, log)
+
+    def run():
+        seen.append(greenlet.getcurrent())
+        return task()
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def fresh_log():
     Echo.calls = []
@@ -80,13 +91,8 @@ def test_tasks_without_a_draft_are_called_one_after_another():
     turn, and a forward it asks for anyway is a joint call of one."""
     log: list[str] = []
     seen = []
-
-    def task():
-        seen.append(greenlet.getcurrent())
-        return drafting("a", 2, log)()
-
     step = Lockstep()
-    assert step.run([task, drafting("b", 1, log)], direct=[True, True]) == [[("a", (0,)), ("a", (1,))], [("b", (0,))]]
+    assert step.run([recording("a", 2, log, seen), drafting("b", 1, log)], direct=[True, True]) == [[("a", (0,)), ("a", (1,))], [("b", (0,))]]
     assert log == ["a asks 0", "a asks 1", "a done", "b asks 0", "b done"]
     assert Echo.calls == [["a"], ["a"], ["b"]] and seen == [greenlet.getcurrent()]
 
@@ -96,13 +102,8 @@ def test_a_direct_task_is_called_in_its_turn_and_the_others_still_share_rounds()
     turn; a forward it asks for anyway is a joint call of one."""
     log: list[str] = []
     seen = []
-
-    def direct():
-        seen.append(greenlet.getcurrent())
-        return drafting("b", 1, log)()
-
     step = Lockstep()
-    results = step.run([drafting("a", 2, log), direct, drafting("c", 1, log)], direct=[False, True, False])
+    results = step.run([drafting("a", 2, log), recording("b", 1, log, seen), drafting("c", 1, log)], direct=[False, True, False])
     assert results == [[("a", (0,)), ("a", (1,))], [("b", (0,))], [("c", (0,))]]
     assert log == ["a asks 0", "b asks 0", "b done", "c asks 0", "a asks 1", "c done", "a done"]
     assert Echo.calls == [["b"], ["a", "c"], ["a"]] and seen == [greenlet.getcurrent()]
