@@ -382,7 +382,7 @@ def test_a_folder_that_is_neither_a_model_nor_a_head_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("exported, message", [
-    ((), "has no features output (format 5, or exported with --feature-layers none), which an EAGLE-3 draft reads"),
+    ((), "has no features output (format 6, or exported with --feature-layers none), which an EAGLE-3 draft reads"),
     ((1, 2, 3), "returns the inputs of layers [1, 2, 3], but the draft reads [2, 4, 5]; export again with --feature-layers 2,4,5"),
 ])
 def test_an_onnx_target_without_the_heads_features_is_one_line(exported, message, tmp_path):

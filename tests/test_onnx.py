@@ -110,7 +110,7 @@ def test_a_manifest_from_an_incompatible_version(exports, tmp_path):
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["format_version"] = 99
     (folder / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(SpecdecError, match="version 99 .* this specdec reads 'specdec-onnx' versions 2, 3, 4, 5: export the model again"):
+    with pytest.raises(SpecdecError, match="version 99 .* this specdec reads 'specdec-onnx' versions 2, 3, 4, 5, 6: export the model again"):
         OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions())
 
 
@@ -152,15 +152,34 @@ def test_a_prefill_returns_the_last_logits_alone_from_format_4(exports, format3,
         assert shapes == [prefill_logits, (1, 2, 96)]
 
 
+def test_prefill_chunks_read_only_the_filled_slots(exports, monkeypatch):
+    """Each prefill chunk's past is the entries already prefilled (one hidden sentinel slot for the
+    first chunk), not the whole buffer, which always holds the chunk's slots too; a tree forward
+    after it reads the buffer in place. The logits equal a one-chunk prefill's."""
+    pasts = []
+    execute = OnnxRuntimeBackend.execute
+    monkeypatch.setattr(OnnxRuntimeBackend, "execute", lambda self, i, o: (pasts.append(i[3].shape[2]), execute(self, i, o)))
+    prompt = PROMPT * 2  # 12 tokens: chunks of 5, 5 and 2
+    chunked = OnnxRuntimeBackend.load(str(exports["llama"][1]), OnnxRuntimeOptions(prefill_chunk=5))
+    logits = chunked.prefill(torch.tensor([prompt]))
+    assert pasts == [1, 5, 10]
+    tree = chunked.forward(torch.tensor([[5, 6]]), torch.tensor([[12, 13]]), torch.ones(1, 2, 2, dtype=torch.bool).tril_())
+    assert pasts[3] == chunked.kv[0].shape[2] >= 14
+    whole = OnnxRuntimeBackend.load(str(exports["llama"][1]), OnnxRuntimeOptions(prefill_chunk=16))
+    assert torch.allclose(whole.prefill(torch.tensor([prompt])), logits, atol=1e-5)
+    assert torch.allclose(whole.forward(torch.tensor([[5, 6]]), torch.tensor([[12, 13]]), torch.ones(1, 2, 2, dtype=torch.bool).tril_()),
+                          tree, atol=1e-5)
+
+
 def test_compare_prefill_times_both_exports_in_turn(exports, format3, monkeypatch):
     script = load_script("compare_prefill")
-    backends = {v: OnnxRuntimeBackend.load(str(f), OnnxRuntimeOptions()) for v, f in (("5", exports["llama"][1]), ("3", format3))}
+    backends = {v: OnnxRuntimeBackend.load(str(f), OnnxRuntimeOptions()) for v, f in (("6", exports["llama"][1]), ("3", format3))}
     order = []
     prefill = OnnxRuntimeBackend.prefill
     monkeypatch.setattr(OnnxRuntimeBackend, "prefill", lambda self, ids: (order.append(self.manifest["format_version"]), prefill(self, ids))[1])
     seconds = script.prefill_seconds(backends, [PROMPT, PROMPT[:3]], repeats=2)
-    assert {k: len(v) for k, v in seconds.items()} == {"5": 2, "3": 2} and all(t > 0 for v in seconds.values() for t in v)
-    assert order == [5, 5, 3, 3] * 2  # every prompt, one export after the other, per repeat
+    assert {k: len(v) for k, v in seconds.items()} == {"6": 2, "3": 2} and all(t > 0 for v in seconds.values() for t in v)
+    assert order == [6, 6, 3, 3] * 2  # every prompt, one export after the other, per repeat
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +220,57 @@ def test_sibling_projections_are_fused_without_changing_a_logit(arch, exports, u
     ar = get_strategy("ar").cls
     decoder = SpeculativeDecoder(plain, None, ar(ar.Options()), GenerationOptions())
     assert decoder.generate(PROMPT, max_new_tokens=20).token_ids == hf_greedy(models(arch, 0), PROMPT, 20)
+
+
+def _where_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, specdec_past=None, **kwargs):
+    """Format 5's attention: as `tree_attention`, but applying the bool mask [B,1,Q,C+Q] by a Where
+    over every layer's scores."""
+    from specdec.attention import HIDDEN
+
+    batch, heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = (query * scaling).reshape(batch, kv_heads, heads // kv_heads * queries, dim)
+    past_key, past_value = specdec_past[module.layer_idx]
+    scores = torch.cat([grouped @ k.transpose(-1, -2) for k in (past_key, key)], dim=-1).float()
+    scores = scores.view(batch, kv_heads, heads // kv_heads, queries, -1)
+    scores = torch.where(attention_mask[:, :, None], scores, torch.full((), HIDDEN))
+    probs = scores.softmax(dim=-1).view(batch, kv_heads, heads // kv_heads * queries, -1)
+    out = probs[..., : past_key.shape[2]] @ past_value + probs[..., past_key.shape[2] :] @ value
+    return out.view(batch, heads, queries, dim).transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mask_bias_made_once_gives_the_where_form_to_the_bit(arch, exports, tmp_path):
+    """Format 6 turns the bool mask into a float bias once per forward and adds it to each layer's
+    scores; format 5 applied the bool mask by a Where in every layer. Same logits to the bit, one
+    Where in all against one per layer, and the format-5 export still loads."""
+    from unittest import mock
+
+    import onnx
+    from transformers import AttentionInterface
+
+    from specdec import attention
+    from specdec.export.onnx import _random_tree, graph_logits
+    from specdec.export.onnx_graph import KVShape
+
+    source, folder = exports[arch]
+    AttentionInterface.register(attention.NAME, _where_attention)
+    try:
+        with mock.patch.object(attention, "mask_bias", lambda mask: mask):
+            old = export_onnx(str(source), tmp_path / "v5")
+    finally:
+        AttentionInterface.register(attention.NAME, attention.tree_attention)
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["format_version"] = 5
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    layers = manifest["layers"]
+    wheres = {f: sum(n.op_type == "Where" for n in onnx.load(str(f / "model.onnx")).graph.node) for f in (folder, old)}
+    assert wheres[old] - wheres[folder] == layers - 1  # a Where per layer, against one making the bias
+    new, plain = (OnnxRuntimeBackend.load(str(f), OnnxRuntimeOptions()) for f in (folder, old))
+    shape, gen = KVShape(layers, manifest["kv_heads"], manifest["head_dim"]), torch.Generator().manual_seed(2)
+    for query, past, unused in ((1, 9, 2), (7, 4, 0), (13, 30, 5)):
+        inputs = _random_tree(shape, manifest["vocab_size"], torch.float32, query, past, unused, gen)
+        assert torch.equal(graph_logits(new, *inputs), graph_logits(plain, *inputs))
 
 
 def test_gpt2_has_no_sibling_projections(exports):

@@ -71,7 +71,7 @@ class TreeMaskGraph(torch.nn.Module):
     def forward(self, input_ids, position_ids, attention_mask, past, logit_positions):
         cache = Cache(layers=[_NewEntries() for _ in range(self.layers)])
         out = self.model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention.mask_bias(attention_mask), use_cache=True,
             logits_to_keep=logit_positions, **{self.cache_argument: cache},
             specdec_past=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
         )
