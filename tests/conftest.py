@@ -142,3 +142,34 @@ def hermetic_plugins():
     os.environ["SPECDEC_LOAD_PLUGINS"] = ""
     reload_plugins()
     yield
+
+
+@pytest.fixture(scope="session")
+def onnx_export(tmp_path_factory, worker_id):
+    """onnx_export(name, build, **options) -> the ONNX export of the model `build()` returns (a
+    tiny model, which `name` names), made by `export_onnx(..., **options)` once per test run: every
+    test and every pytest-xdist worker asking for the same name and options gets the same folder
+    (an export of a tiny model takes 10 to 40 s). The source model is saved at `folder.parent /
+    "src"`. Read-only: copy an export before changing it."""
+    # the run's own folder, shared by its workers (their base folders are inside it); a lock per
+    # model, so that a worker waits for an export another is making instead of making it again
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root = root / "onnx-exports"
+    root.mkdir(exist_ok=True)
+
+    def export(name: str, build, **options) -> Path:
+        from filelock import FileLock
+
+        from specdec.export.onnx import export_onnx
+
+        key = ",".join(f"{k}={v}" for k, v in sorted(options.items())) or "default"
+        folder = root / name / key.replace("/", "_").replace(" ", "")
+        with FileLock(str(root / f"{name}.lock")):
+            if not folder.is_dir():
+                source = root / name / "src"
+                if not source.is_dir():
+                    build().save_pretrained(source)
+                export_onnx(str(source), folder, **options)
+        return folder
+
+    return export

@@ -2,6 +2,7 @@
 sequence decoded alone, for every strategy, with prompts of different lengths and rows that finish
 and are refilled at different steps."""
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -350,14 +351,11 @@ def test_a_batch_runs_its_draft_forwards_of_a_round_as_one_call(draft_kind, mode
 # -- onnxruntime targets ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def llama_export(tmp_path_factory):
+def llama_export(onnx_export):
     pytest.importorskip("onnxruntime", reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
     from conftest import cached_model
-    from specdec.export.onnx import export_onnx
 
-    root = tmp_path_factory.mktemp("batch-onnx")
-    cached_model("llama", 0).save_pretrained(root / "src")
-    return export_onnx(str(root / "src"), root / "onnx")
+    return onnx_export("llama-0", functools.partial(cached_model, "llama", 0))
 
 
 def onnx_target(folder):
@@ -632,8 +630,6 @@ def test_control_a_batched_row_without_the_residual_is_detected(monkeypatch):
 
 def test_the_forward_cost_script_times_each_batch_size_at_each_capacity(llama_export, monkeypatch):
     # scripts/batch_forward_cost.py: every (B, C) is timed over buffers of exactly C slots
-    import functools
-
     script = load_script("batch_forward_cost")
     target = onnx_target(llama_export)
     target.call_slots = math.inf  # a batch of rows measures a run's fixed cost as it is made: not here

@@ -43,23 +43,18 @@ TARGET_BACKENDS = ["pytorch", "onnxruntime"]
 
 
 @pytest.fixture(scope="module")
-def target_backend(tmp_path_factory):
+def target_backend(onnx_export):
     """(backend name, arch, vocab) -> a fresh target backend over eagle_target(arch, vocab); on
-    onnxruntime, over its ONNX export (made once, with the features output at layers AUX)."""
-    folders = {}
+    onnxruntime, over its ONNX export (made once per test run, with the features output at layers AUX)."""
 
     def make(backend: str = "pytorch", arch: str = "llama", vocab: int = 96):
         if backend == "pytorch":
             return PyTorchBackend(eagle_target(arch, vocab))
         pytest.importorskip("onnxruntime", reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
         from specdec.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeOptions
-        from specdec.export.onnx import export_onnx
 
-        if (arch, vocab) not in folders:
-            root = tmp_path_factory.mktemp(f"eagle-{arch}-{vocab}")
-            eagle_target(arch, vocab).save_pretrained(root / "src")
-            folders[arch, vocab] = export_onnx(str(root / "src"), root / "onnx")
-        return OnnxRuntimeBackend.load(str(folders[arch, vocab]), OnnxRuntimeOptions(prefill_chunk=5))
+        folder = onnx_export(f"eagle-{arch}-{vocab}", functools.partial(eagle_target, arch, vocab))
+        return OnnxRuntimeBackend.load(str(folder), OnnxRuntimeOptions(prefill_chunk=5))
 
     return make
 
@@ -383,14 +378,16 @@ def test_a_folder_that_is_neither_a_model_nor_a_head_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("exported, message", [
     ((), "has no features output (format 6, or exported with --feature-layers none), which an EAGLE-3 draft reads"),
-    ((1, 2, 3), "returns the inputs of layers [1, 2, 3], but the draft reads [2, 4, 5]; export again with --feature-layers 2,4,5"),
+    ((0, 1), "returns the inputs of layers [0, 1], but the draft reads [2, 4, 5]; export again with --feature-layers 2,4,5"),
 ])
-def test_an_onnx_target_without_the_heads_features_is_one_line(exported, message, tmp_path):
+def test_an_onnx_target_without_the_heads_features_is_one_line(exported, message, onnx_export, tmp_path):
+    """The features are checked before anything else about the target (exports of the 2-layer tiny
+    Llama, which the shared exports already hold without features: an 8-layer export takes 30 s)."""
     pytest.importorskip("onnxruntime", reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
+    from conftest import cached_model
     from specdec.config import load_config
-    from specdec.export.onnx import export_onnx
 
-    folder = export_onnx(str(target_folder(tmp_path)), tmp_path / "onnx", feature_layers=exported)
+    folder = onnx_export("llama-0", functools.partial(cached_model, "llama", 0), **({"feature_layers": exported} if exported else {}))
     data = head_config(tmp_path, build_head(eagle_target()), backend="onnxruntime")
     data["target"]["model"] = str(folder)
     with pytest.raises(SpecdecError) as err:

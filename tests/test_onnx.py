@@ -1,5 +1,6 @@
 """ONNX export with a dynamic tree-mask input, and the onnxruntime backend."""
 
+import functools
 import json
 import logging
 import shutil
@@ -25,15 +26,12 @@ PROMPT = [3, 17, 42, 8, 60, 5]
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """arch -> (source model folder, export folder) for tiny Llama, Qwen2 and GPT-2."""
+def exports(onnx_export):
+    """arch -> (source model folder, export folder) for tiny Llama, Qwen2 and GPT-2 (read-only)."""
     from conftest import cached_model
 
-    root, out = tmp_path_factory.mktemp("onnx"), {}
-    for arch in ("llama", "qwen2", "gpt2"):
-        cached_model(arch, 0).save_pretrained(root / f"{arch}-src")
-        out[arch] = (root / f"{arch}-src", export_onnx(str(root / f"{arch}-src"), root / f"{arch}-onnx"))
-    return out
+    folders = {arch: onnx_export(f"{arch}-0", functools.partial(cached_model, arch, 0)) for arch in ("llama", "qwen2", "gpt2")}
+    return {arch: (folder.parent / "src", folder) for arch, folder in folders.items()}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])

@@ -2,6 +2,8 @@
 Runtime TensorRT provider options, the CLI's error paths (on CPU), and on a GPU with TensorRT the
 engine against PyTorch (marked `tensorrt`)."""
 
+import functools
+
 import pytest
 
 pytest.importorskip("onnxruntime", reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
@@ -11,20 +13,18 @@ from test_cli import run_cli  # noqa: E402
 from specdec.backends.onnx_contract import profiles, read_manifest  # noqa: E402
 from specdec.backends.onnxruntime import tensorrt_provider_options  # noqa: E402
 from specdec.errors import SpecdecError  # noqa: E402
-from specdec.export.onnx import export_onnx  # noqa: E402
 from specdec.export.tensorrt import validation_cases  # noqa: E402
 
 MAX_NODES, PREFILL_CHUNK = 16, 32
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """(source model folder, ONNX export folder) of a tiny Llama."""
+def export(onnx_export):
+    """(source model folder, ONNX export folder) of a tiny Llama (read-only)."""
     from conftest import cached_model
 
-    root = tmp_path_factory.mktemp("trt")
-    cached_model("llama", 0).save_pretrained(root / "src")
-    return root / "src", export_onnx(str(root / "src"), root / "onnx")
+    folder = onnx_export("llama-0", functools.partial(cached_model, "llama", 0))
+    return folder.parent / "src", folder
 
 
 def graph_inputs(folder):
