@@ -35,7 +35,9 @@ class OnnxRuntimeOptions(BackendOptions):
     providers: list[Provider] | None = None
     intra_op_threads: int = 0  # 0 = onnxruntime's choice
     inter_op_threads: int = 1
-    allow_spinning: bool = False  # idle threads spin: lower latency alone, slows a PyTorch model beside it
+    # threads spin between a forward's operators instead of sleeping, and stop when it returns (so
+    # that a PyTorch draft run between forwards has the cores)
+    allow_spinning: bool = True
     prefill_chunk: int = 256  # prompt tokens per prefill forward
     max_nodes: int = 64  # largest verified tree (TensorRT execution provider profiles only)
     dtype: Literal["float32", "float16"] = "float32"  # of an export made on first use
@@ -48,7 +50,7 @@ class OnnxRuntimeOptions(BackendOptions):
 
 
 def create_session(
-    folder: Path, providers: list[Provider], intra_op_threads: int, inter_op_threads: int = 1, allow_spinning: bool = False,
+    folder: Path, providers: list[Provider], intra_op_threads: int, inter_op_threads: int = 1, allow_spinning: bool = True,
     profile_prefix: str | None = None,
 ):
     try:
@@ -65,6 +67,9 @@ def create_session(
     options.inter_op_num_threads = inter_op_threads
     for scope in ("intra_op", "inter_op"):
         options.add_session_config_entry(f"session.{scope}.allow_spinning", "1" if allow_spinning else "0")
+    # onnxruntime's threads otherwise spin on after a run returns, taking the cores from whatever
+    # runs next (a PyTorch draft: 26.0 -> 19.9 tok/s, BENCHMARKS.md)
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
