@@ -445,6 +445,27 @@ def test_an_onnxruntime_prefill_reads_only_its_own_rows_entries(llama_export, mo
     assert torch.allclose(logits[0], want, atol=1e-4)
 
 
+def test_torch_runs_one_thread_around_an_onnxruntime_graph_run_and_gets_its_threads_back(llama_export, monkeypatch):
+    # torch's OpenMP workers, woken for the masks or the cache write, would spin beside
+    # onnxruntime's threads; the draft's forwards between graph runs keep torch's threads
+    from specdec.batch import batched_backend
+
+    target = onnx_target(llama_export)
+    batch = batched_backend(target, 2)
+    seen, threads = [], torch.get_num_threads
+    execute = target.execute
+    monkeypatch.setattr(target, "execute", lambda inputs, outputs: seen.append(threads()) or execute(inputs, outputs))
+    before = threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # what the caller set, whatever the worker's
+    set_to = []
+    set_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: set_to.append(n) or set_threads(n))
+    batch.rows[0].prefill(torch.tensor([[3, 17, 42, 8, 60]]))  # two chunks of 4
+    batch.forward_rows({0: (torch.tensor([[11]]), torch.tensor([[5]]), torch.ones(1, 1, 1, dtype=torch.bool))})
+    assert seen == [1, 1, 1] and set_to == [1, 3] * 3  # one thread in each run, the caller's 3 after it
+    set_threads(before)
+
+
 def test_the_onnxruntime_capacity_follows_the_longest_row_and_shrinks_when_it_leaves(llama_export, models):
     # the graph reads every slot of the capacity, so it is the longest row rounded up to FIT_STEP,
     # shrinking when that row's entries are dropped (and it is more than a step over); the remaining row's logits stay exact
