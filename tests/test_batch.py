@@ -455,15 +455,16 @@ def test_torch_runs_one_thread_around_an_onnxruntime_graph_run_and_gets_its_thre
     seen, threads = [], torch.get_num_threads
     execute = target.execute
     monkeypatch.setattr(target, "execute", lambda inputs, outputs: seen.append(threads()) or execute(inputs, outputs))
-    before = threads()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # what the caller set, whatever the worker's
-    set_to = []
-    set_threads = torch.set_num_threads
+    set_to, set_threads = [], torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: set_to.append(n) or set_threads(n))
-    batch.rows[0].prefill(torch.tensor([[3, 17, 42, 8, 60]]))  # two chunks of 4
-    batch.forward_rows({0: (torch.tensor([[11]]), torch.tensor([[5]]), torch.ones(1, 1, 1, dtype=torch.bool))})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # what the caller set, whatever the worker's
+    before = threads()  # the worker's count, set back even if the test fails
+    try:
+        batch.rows[0].prefill(torch.tensor([[3, 17, 42, 8, 60]]))  # two chunks of 4
+        batch.forward_rows({0: (torch.tensor([[11]]), torch.tensor([[5]]), torch.ones(1, 1, 1, dtype=torch.bool))})
+    finally:
+        set_threads(before)
     assert seen == [1, 1, 1] and set_to == [1, 3] * 3  # one thread in each run, the caller's 3 after it
-    set_threads(before)
 
 
 def test_the_onnxruntime_capacity_follows_the_longest_row_and_shrinks_when_it_leaves(llama_export, models):

@@ -38,6 +38,20 @@ COPY_COST = 3  # a row-slot read from a copy costs this many read in place (copi
 FIT_STEP = 32  # capacity is the longest row rounded up to this many slots (resizing copies the cache)
 
 
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch's own work around a graph run (masks, the cache write) on one thread. Its OpenMP
+    workers woken for them otherwise spin beside onnxruntime's threads: on the real pair at B = 16
+    (2 cores) `ar`'s forwards took 98 to 105 ms a step with them and 82 without
+    (`scripts/paired_batch.py ... --batch-sizes 16 --steps`, BENCHMARKS.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class BatchedOnnx(BatchedRows):
     """`rows` sequences over the session (or engine) of an ONNX-contract backend."""
 
@@ -163,6 +177,7 @@ class BatchedOnnx(BatchedRows):
                 features.append(chunk_features[0])
         return logits[:, -1], torch.cat(features) if features else None
 
+    @one_torch_thread()
     def _execute(self, rows: list[int], ids, positions, used: list[int], visible, last_only: bool = False,
                  past_slots: int | None = None):
         """One graph run over `rows` (see `BatchedRows._call`; ids, positions, used and visible
@@ -171,27 +186,26 @@ class BatchedOnnx(BatchedRows):
         all their slots (`rows` must be consecutive: a view, not a copy); else a copy of their
         first `past_slots` slots: a prefill reads only its row's entries (or one masked sentinel
         slot when there are none), so it does not attend over slots the other rows grew."""
-        with one_torch_thread():
-            count, query = ids.shape
-            index = torch.tensor(rows, device=self.device)
-            if past_slots is None:  # [k, H_kv, C, D] views
-                past = [t[rows[0] : rows[-1] + 1] for t in self.kv]
-            elif _consecutive(rows):  # [k, H_kv, past_slots, D] copies; slicing copies faster than gathering
-                past = [t[rows[0] : rows[-1] + 1, :, :past_slots].contiguous() for t in self.kv]
-            else:
-                past = [t[:, :, :past_slots].index_select(0, index) for t in self.kv]
-            width, capacity = max(used), past[0].shape[2]
-            mask = torch.zeros(count, 1, query, capacity + query, dtype=torch.bool)  # [k, 1, Q, C + Q]
-            mask[:, 0, :, :width] = visible[:, :, :width]
-            mask[:, 0, :, capacity:] = visible[:, :, width:]
-            kept = self.backend.logit_count(query, last_only)
-            outputs, presents = self._outputs(count, query, kept)
-            self.backend.execute(self.backend.graph_inputs(ids, positions, mask, past, kept), outputs)
-            slots = (torch.tensor(used)[:, None] + torch.arange(query)).to(self.device)  # [k, Q]
-            self.cache[:, index[:, None], :, slots] = presents.permute(1, 3, 0, 2, 4)  # [k, Q, 2L, H_kv, D]
-            columns = self.backend._feature_columns
-            features = outputs[-1].index_select(2, columns) if columns is not None else None  # [k, Q, F]
-            return outputs[0].float(), features
+        count, query = ids.shape
+        index = torch.tensor(rows, device=self.device)
+        if past_slots is None:  # [k, H_kv, C, D] views
+            past = [t[rows[0] : rows[-1] + 1] for t in self.kv]
+        elif _consecutive(rows):  # [k, H_kv, past_slots, D] copies; slicing copies faster than gathering
+            past = [t[rows[0] : rows[-1] + 1, :, :past_slots].contiguous() for t in self.kv]
+        else:
+            past = [t[:, :, :past_slots].index_select(0, index) for t in self.kv]
+        width, capacity = max(used), past[0].shape[2]
+        mask = torch.zeros(count, 1, query, capacity + query, dtype=torch.bool)  # [k, 1, Q, C + Q]
+        mask[:, 0, :, :width] = visible[:, :, :width]
+        mask[:, 0, :, capacity:] = visible[:, :, width:]
+        kept = self.backend.logit_count(query, last_only)
+        outputs, presents = self._outputs(count, query, kept)
+        self.backend.execute(self.backend.graph_inputs(ids, positions, mask, past, kept), outputs)
+        slots = (torch.tensor(used)[:, None] + torch.arange(query)).to(self.device)  # [k, Q]
+        self.cache[:, index[:, None], :, slots] = presents.permute(1, 3, 0, 2, 4)  # [k, Q, 2L, H_kv, D]
+        columns = self.backend._feature_columns
+        features = outputs[-1].index_select(2, columns) if columns is not None else None  # [k, Q, F]
+        return outputs[0].float(), features
 
     def _outputs(self, count: int, query: int, kept: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Empty outputs of a run over `count` rows -> (the graph's outputs: logits [k, K, V], the
@@ -203,20 +217,6 @@ class BatchedOnnx(BatchedRows):
         logits, *features = (torch.empty(count, *t.shape[1:], dtype=t.dtype, device=self.device)
                              for t in [one[0], *one[1 + layers :]])
         return [logits, *presents.unbind(0), *features], presents
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """torch's own work around a graph run (masks, the cache write) on one thread. Its OpenMP
-    workers woken for them otherwise spin beside onnxruntime's threads: on the real pair at B = 16
-    (2 cores) `ar`'s forwards took 98 to 105 ms a step with them and 82 without
-    (`scripts/paired_batch.py ... --batch-sizes 16 --steps`, BENCHMARKS.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _consecutive(rows: list[int]) -> bool:

@@ -68,7 +68,7 @@ def create_session(
     for scope in ("intra_op", "inter_op"):
         options.add_session_config_entry(f"session.{scope}.allow_spinning", "1" if allow_spinning else "0")
     # onnxruntime's threads otherwise spin on after a run returns, taking the cores from whatever
-    # runs next (a PyTorch draft: 26.0 -> 19.9 tok/s, BENCHMARKS.md)
+    # runs next (a chain's PyTorch draft: 29.2 -> 19.9 tok/s, BENCHMARKS.md)
     options.add_session_config_entry("session.force_spinning_stop", "1")
     if profile_prefix is not None:
         options.enable_profiling = True
