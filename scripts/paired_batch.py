@@ -10,7 +10,7 @@ bookkeeping): where a method's steps cost more than `ar`'s with the same trees. 
 rounds, the catch-ups (a draft prefilled over a lag longer than a steady step's: a row's first
 start over its prompt, or a probe after skipped steps) are shown apart, with their count.
 
-    python scripts/paired_batch.py CONFIG [CONFIG ...] [--batch-sizes 8,16] [--repeats 5] [--limit 16] [--steps]
+    python scripts/paired_batch.py CONFIG [CONFIG ...] [--batch-sizes 8,16] [--repeats 5] [--limit 16] [--steps] [--chat]
 """
 
 from __future__ import annotations
@@ -33,18 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--steps", action="store_true", help="also split each method's full-batch steps")
+    parser.add_argument("--chat", action="store_true", help="questions as chat messages, as specdec bench --chat")
     args = parser.parse_args(argv)
     steps: list[tuple[int, float, float, float, float, int]] = []  # (rows, seconds, target forward, draft rounds,
     # catch-up seconds, catch-ups)
     if args.steps:
         _time_steps(steps)
-    prompts = [question.turns[0] for question in load_questions(None, args.limit)]
+    questions = [question.turns[0] for question in load_questions(None, args.limit)]
+    inputs = dict(messages=[[{"role": "user", "content": q}] for q in questions]) if args.chat else dict(prompts=questions)
     decoders = {path: SpeculativeDecoder.from_config(path) for path in args.configs}
     first = next(iter(decoders.values()))
     decoders = {"ar": ar_decoder(first, first.config), **decoders}
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
     for decoder in decoders.values():  # warm-up, and the batched surfaces measured or loaded
-        decoder.generate_batch(prompts, batch_size=max(batch_sizes), max_new_tokens=8)
+        decoder.generate_batch(**inputs, batch_size=max(batch_sizes), max_new_tokens=8)
     for batch_size in batch_sizes:
         rates = {name: [] for name in decoders}
         nodes = {name: [] for name in decoders}
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, decoder in order if repeat % 2 == 0 else order[::-1]:  # as specdec bench: drift cancels
                 start = time.perf_counter()
                 steps.clear()
-                outputs = decoder.generate_batch(prompts, batch_size=batch_size, max_new_tokens=args.max_new_tokens)
+                outputs = decoder.generate_batch(**inputs, batch_size=batch_size, max_new_tokens=args.max_new_tokens)
                 rates[name].append(sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start))
                 nodes[name].append(sum(o.metrics.drafted_nodes for o in outputs) / sum(o.metrics.steps for o in outputs))
                 split[name] += [step[1:] for step in steps if step[0] == batch_size]

@@ -223,6 +223,10 @@ def test_run_prompts_and_bench_batch_size_on_the_demo_pair(capsys, tmp_path):
     assert [(r["name"], r["batch_size"]) for r in report["runs"]] == [("ar", 1), ("ar", 2), ("chain", 1), ("chain", 2)]
     assert all(r["outputs_match_ar"] for r in report["runs"])
     assert all(r["decode_tokens_per_second"] > 0 for r in report["runs"])
+    # one repeat: its ratio is the median and both ends of the range; ar's is 1 against itself
+    assert all(r["speedup_vs_ar_range"] == [r["speedup_vs_ar"]] * 2 for r in report["runs"])
+    assert [r["speedup_vs_ar"] for r in report["runs"][:2]] == [1.0, 1.0]
+    assert "| 1.00x | 1.00 to 1.00 |" in (tmp_path / "b" / "report.md").read_text()
     assert "decode tokens/s" in (tmp_path / "b" / "report.md").read_text()
     linux = Path("/proc/stat").exists()
     assert all((r["steal_percent"] is not None) == linux for r in report["runs"])
@@ -283,13 +287,14 @@ def test_odd_repeats_run_the_methods_in_reverse_order(capsys, tmp_path, monkeypa
 
 
 def test_a_batched_speedup_pairs_each_repeat_with_ars():
-    from specdec.bench.batched import BatchRun, paired_speedup
+    from specdec.bench.batched import BatchRun, paired_ratios, paired_speedup
 
     def runs(*rates):
         return [BatchRun(rate, rate, [], [], [], []) for rate in rates]
 
     # the repeats read 1.0x, 0.5x, 1.0x: the median is 1.0x, where the medians' ratio would read 20 / 30
     assert paired_speedup(runs(10, 20, 30), runs(10, 40, 30)) == 1.0
+    assert paired_ratios(runs(10, 20, 30), runs(10, 40, 30)) == [1.0, 0.5, 1.0]
     with pytest.raises(ValueError):
         paired_speedup(runs(10, 20), runs(10))
 

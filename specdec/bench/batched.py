@@ -82,6 +82,7 @@ def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
             "name": name, "batch_size": size, "tokens_per_second": median.tokens_per_second,
             "decode_tokens_per_second": median.decode_tokens_per_second,
             "speedup_vs_ar": paired_speedup(repeats, ar_repeats),
+            "speedup_vs_ar_range": [min(paired_ratios(repeats, ar_repeats)), max(paired_ratios(repeats, ar_repeats))],
             "mean_accepted_length": total.mean_accepted_length,
             "drafted_nodes_per_step": total.drafted_nodes / total.steps if total.steps else 0.0,
             "first_token_p50_ms": 1e3 * statistics.median(median.first_token),
@@ -131,9 +132,14 @@ def _median(repeats: list[BatchRun]) -> BatchRun:
     return sorted(repeats, key=lambda r: r.tokens_per_second)[len(repeats) // 2]
 
 
+def paired_ratios(runs: list[BatchRun], ar_runs: list[BatchRun]) -> list[float]:
+    """A method's throughput over `ar`'s in the same repeat, per repeat."""
+    return [r.tokens_per_second / a.tokens_per_second for r, a in zip(runs, ar_runs, strict=True)]
+
+
 def paired_speedup(runs: list[BatchRun], ar_runs: list[BatchRun]) -> float:
     """The median over repeats of a method's throughput over `ar`'s in the same repeat."""
-    return statistics.median(r.tokens_per_second / a.tokens_per_second for r, a in zip(runs, ar_runs, strict=True))
+    return statistics.median(paired_ratios(runs, ar_runs))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -141,6 +147,11 @@ def percentile(values: list[float], q: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _range(extremes: list[float] | None) -> str:
+    """The lowest and highest of a method's per-repeat ratios to `ar` ('-' in older reports)."""
+    return "-" if extremes is None else f"{extremes[0]:.2f} to {extremes[1]:.2f}"
 
 
 def markdown(report: dict) -> str:
@@ -152,12 +163,12 @@ def markdown(report: dict) -> str:
         f"{'greedy' if s['greedy'] else 'sampling'}, median of {s['repeats']} repeats (speedups: of ratios within a repeat); configs {', '.join(s['configs'])}"
         + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else ""),
         "",
-        "| method | batch | tokens/s (all) | vs ar | decode tokens/s | tau | nodes/step | first token p50 ms | inter-token p50 ms | p99 ms | same as ar | CPU steal % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| method | batch | tokens/s (all) | vs ar | repeats' range | decode tokens/s | tau | nodes/step | first token p50 ms | inter-token p50 ms | p99 ms | same as ar | CPU steal % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in report["runs"]:
         match = {True: "yes", False: "**NO**", None: "-"}[r["outputs_match_ar"]]
         lines.append(f"| {r['name']} | {r['batch_size']} | {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f}x | "
-                     f"{r['decode_tokens_per_second']:.1f} | {r['mean_accepted_length']:.2f} | {r['drafted_nodes_per_step']:.1f} | {r['first_token_p50_ms']:.0f} | "
+                     f"{_range(r.get('speedup_vs_ar_range'))} | {r['decode_tokens_per_second']:.1f} | {r['mean_accepted_length']:.2f} | {r['drafted_nodes_per_step']:.1f} | {r['first_token_p50_ms']:.0f} | "
                      f"{r['inter_token_p50_ms']:.1f} | {r['inter_token_p99_ms']:.1f} | {match} | {cell(r.get('steal_percent'), '.1f')} |")
     return "\n".join(lines) + "\n"
