@@ -76,13 +76,12 @@ def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
     rows = []
     for name, size in ((name, size) for name, _ in methods for size in batch_sizes):
         repeats, ar_repeats = runs[(name, size)], runs[("ar", size)]
-        median, ar = _median(repeats), _median(ar_repeats)
+        median, ar, ratios = _median(repeats), _median(ar_repeats), paired_ratios(repeats, ar_repeats)
         total = merge_metrics(median.metrics)
         rows.append({
             "name": name, "batch_size": size, "tokens_per_second": median.tokens_per_second,
             "decode_tokens_per_second": median.decode_tokens_per_second,
-            "speedup_vs_ar": paired_speedup(repeats, ar_repeats),
-            "speedup_vs_ar_range": [min(paired_ratios(repeats, ar_repeats)), max(paired_ratios(repeats, ar_repeats))],
+            "speedup_vs_ar": paired_speedup(repeats, ar_repeats), "speedup_vs_ar_range": [min(ratios), max(ratios)],
             "mean_accepted_length": total.mean_accepted_length,
             "drafted_nodes_per_step": total.drafted_nodes / total.steps if total.steps else 0.0,
             "first_token_p50_ms": 1e3 * statistics.median(median.first_token),
