@@ -1,8 +1,9 @@
 """Batched speed of configs against `ar`, paired: in each repeat every method decodes the same
-prompts at batch size B one after another, and a method's figure is the median over repeats of its
-tokens per second over `ar`'s in the same repeat. A slow patch of this machine lasts seconds to
-minutes, so ratios within a repeat vary far less than the rates themselves. Also prints the draft
-nodes per step. `specdec bench --batch-size` reports the same medians with latency and output
+prompts at batch size B, the methods interleaved a step at a time, one pass per rotation of their
+order, as `specdec bench --batch-size` runs them, and a method's figure is the median over repeats
+of its tokens per second over `ar`'s in the same repeat (the geometric mean over its passes). A
+slow patch of this machine lasts seconds to minutes, so it falls on every method alike. Also
+prints the draft nodes per step. `specdec bench --batch-size` reports the same medians with latency and output
 checks; this script is the quick way to weigh a change at a few batch sizes. With `--steps`, also
 each method's mean step at the full batch, split into the target forward, the draft rounds
 (`Lockstep.run`, proposals included) and the rest (inputs, verification, commits, `auto`'s
@@ -20,6 +21,7 @@ import statistics
 import time
 
 from specdec import batch, lockstep
+from specdec.bench.batched import Pass, interleave, repeat_ratios
 from specdec.bench.methods import ar_decoder
 from specdec.bench.prompts import load_questions
 from specdec.decoder import SpeculativeDecoder
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", action="store_true", help="also split each method's full-batch steps")
     parser.add_argument("--chat", action="store_true", help="questions as chat messages, as specdec bench --chat")
     args = parser.parse_args(argv)
-    steps: list[tuple[int, float, float, float, float, int]] = []  # (rows, seconds, target forward, draft rounds,
+    steps: list[tuple] = []  # (decoder, rows, seconds, target forward, draft rounds,
     # catch-up seconds, catch-ups)
     if args.steps:
         _time_steps(steps)
@@ -48,22 +50,24 @@ def main(argv: list[str] | None = None) -> int:
     for decoder in decoders.values():  # warm-up, and the batched surfaces measured or loaded
         decoder.generate_batch(**inputs, batch_size=max(batch_sizes), max_new_tokens=8)
     for batch_size in batch_sizes:
-        rates = {name: [] for name in decoders}
-        nodes = {name: [] for name in decoders}
+        runs = {name: [] for name in decoders}
         split = {name: [] for name in decoders}
-        for repeat in range(args.repeats):
-            order = list(decoders.items())
-            for name, decoder in order if repeat % 2 == 0 else order[::-1]:  # as specdec bench: drift cancels
-                start = time.perf_counter()
+        names = list(decoders)
+        for _ in range(args.repeats):  # as specdec bench runs them: interleaved a step at a time,
+            for shift in range(len(names)):  # a pass per rotation of the order, each method leading once
                 steps.clear()
-                outputs = decoder.generate_batch(**inputs, batch_size=batch_size, max_new_tokens=args.max_new_tokens)
-                rates[name].append(sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start))
-                nodes[name].append(sum(o.metrics.drafted_nodes for o in outputs) / sum(o.metrics.steps for o in outputs))
-                split[name] += [step[1:] for step in steps if step[0] == batch_size]
+                order = names[shift:] + names[:shift]
+                passes = [Pass(decoders[name], inputs, batch_size, args.max_new_tokens) for name in order]
+                interleave(passes)
+                for name, done in zip(order, passes):
+                    runs[name].append(done.result())
+                    split[name] += [step[2:] for step in steps if step[0] is decoders[name] and step[1] == batch_size]
         for name in decoders:
-            ratio = statistics.median(a / b for a, b in zip(rates[name], rates["ar"]))
-            print(f"B {batch_size} {name}: {ratio:.3f}x ar, {statistics.median(nodes[name]):.2f} nodes/step "
-                  f"({statistics.median(rates[name]):.1f} tok/s)", flush=True)
+            ratio = statistics.median(repeat_ratios(runs[name], runs["ar"], len(names)))
+            rates = [run.tokens_per_second for run in runs[name]]
+            nodes = [sum(m.drafted_nodes for m in run.metrics) / sum(m.steps for m in run.metrics) for run in runs[name]]
+            print(f"B {batch_size} {name}: {ratio:.3f}x ar, {statistics.median(nodes):.2f} nodes/step "
+                  f"({statistics.median(rates):.1f} tok/s)", flush=True)
             if split[name]:
                 total, forward, draft, catch_up = (1000 * statistics.fmean(part) for part in list(zip(*split[name]))[:4])
                 print(f"  {len(split[name])} steps of {batch_size} rows: {total:.2f} ms a step, target forward {forward:.2f}, "
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _time_steps(steps: list) -> None:
-    """Record every `BatchLoop.step`'s rows, seconds, target forward seconds, draft round seconds,
+    """Record every `BatchLoop.step`'s decoder, rows, seconds, target forward seconds, draft round seconds,
     and the seconds and count of its draft catch-ups (`lockstep.model_call`s that are not joint
     forwards)."""
     step, model_call = batch.BatchLoop.step, lockstep.model_call
@@ -90,7 +94,7 @@ def _time_steps(steps: list) -> None:
         rows, start, forwarded = len(loop.running), time.perf_counter(), loop.target.clock.seconds
         catch_ups[:] = [0.0, 0]
         finished = step(loop)
-        steps.append((rows, time.perf_counter() - start, loop.target.clock.seconds - forwarded, loop.lockstep.seconds,
+        steps.append((loop.decoder, rows, time.perf_counter() - start, loop.target.clock.seconds - forwarded, loop.lockstep.seconds,
                       *catch_ups))
         return finished
 

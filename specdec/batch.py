@@ -19,9 +19,10 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import replace
 from functools import partial
+from typing import TypeVar
 
 from specdec.backends.base import Backend
 from specdec.backends.batched import BatchedPyTorch, BatchedRows
@@ -38,26 +39,39 @@ from specdec.metrics import GenerationMetrics, StepStats
 from specdec.strategies.base import Strategy
 from specdec.strategies.budget import Load
 
+T = TypeVar("T")
+
 
 def decode_batch(decoder, requests: list, batch_size: int, on_tokens: Callable[[int, list[int]], None] | None = None,
                  on_step: Callable[[StepStats], None] | None = None) -> list[tuple[list[int], GenerationMetrics]]:
     """decoder: a SpeculativeDecoder; requests: its checked Requests -> (token ids, metrics) per
     request, in the given order; the prompts start shortest first. `on_tokens(request index, block)`
     receives each block of emitted tokens, `on_step` every sequence's StepStats."""
+    return drain(batch_slices(decoder, requests, batch_size, on_tokens, on_step))
+
+
+def batch_slices(decoder, requests: list, batch_size: int, on_tokens: Callable[[int, list[int]], None] | None = None,
+                 on_step: Callable[[StepStats], None] | None = None) -> Generator[None, None, list]:
+    """`decode_batch` a slice at a time: a generator that yields after each step of the batch
+    (after each whole request when the batch is one row) and returns decode_batch's result, so
+    that a bench can interleave several decoders' slices (specdec/bench/batched.py)."""
     if batch_size < 1:
         raise SpecdecError(f"batch size must be at least 1, got {batch_size}")
+    results: list = [None] * len(requests)
     if min(batch_size, len(requests)) == 1:  # one at a time: the single-sequence loop, which skips
         # the rows' bookkeeping (the demo pair's chain `auto` read 1.06x `ar` through one row of
         # this loop and 1.20x through `generate`)
-        return [speculative_decode(decoder.target, decoder.draft, decoder.strategy, request.prompt_ids, request.warp,
-                                   request.stopper, request.rng, None if on_tokens is None else partial(on_tokens, index),
-                                   on_step) for index, request in enumerate(requests)]
+        for index, request in enumerate(requests):
+            results[index] = speculative_decode(decoder.target, decoder.draft, decoder.strategy, request.prompt_ids,
+                                                request.warp, request.stopper, request.rng,
+                                                None if on_tokens is None else partial(on_tokens, index), on_step)
+            yield
+        return results
     loop = BatchLoop(decoder, min(batch_size, len(requests)), on_step)
     # shortest prompts first: rows of like length share a batch, since its forward reads every
     # row's buffer up to the longest row's entries
     waiting = deque(sorted(enumerate(requests), key=lambda item: len(item[1].prompt_ids)))
     index_of: dict[int, int] = {}  # id(sequence) -> request index
-    results: list = [None] * len(requests)
     while waiting or loop.running:
         while loop.has_room() and waiting:  # a prompt may finish at once
             index, request = waiting.popleft()
@@ -68,7 +82,17 @@ def decode_batch(decoder, requests: list, batch_size: int, on_tokens: Callable[[
                 index_of[id(sequence)] = index
         for sequence in loop.step():
             results[index_of.pop(id(sequence))] = (sequence.generated, sequence.metrics)
+        yield
     return results
+
+
+def drain(slices: Generator[None, None, T]) -> T:
+    """Run a generator of slices (`batch_slices`) to its end -> what it returns."""
+    while True:
+        try:
+            next(slices)
+        except StopIteration as end:
+            return end.value
 
 
 class BatchLoop:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +124,17 @@ class SpeculativeDecoder:
         target forward scoring every running sequence's draft tree (specdec/batch.py). Returns one
         output per prompt, in order, each with its own metrics; greedy outputs equal `generate`'s.
         `on_tokens(prompt index, block)` receives each block of emitted tokens."""
-        from specdec.batch import decode_batch
+        from specdec.batch import drain
+
+        return drain(self.batch_slices(prompts, messages, batch_size, on_tokens, **generation))
+
+    def batch_slices(self, prompts: list[str | list[int]] | None = None, messages: list[list[dict]] | None = None,
+                     batch_size: int = 8, on_tokens: Callable[[int, list[int]], None] | None = None,
+                     **generation: object) -> Generator[None, None, list[GenerationOutput]]:
+        """`generate_batch` a slice at a time: a generator that yields after each step of the batch
+        (each whole prompt at batch size 1) and returns generate_batch's outputs. `specdec bench
+        --batch-size` interleaves the methods' slices so that a machine's drift falls on all alike."""
+        from specdec.batch import batch_slices
 
         if (prompts is None) == (messages is None):
             raise SpecdecError("give exactly one of prompts or messages")
@@ -132,7 +142,8 @@ class SpeculativeDecoder:
         requests = [self.prepare(p, m, generation) for p, m in items]
         for request in requests:
             plugins.notify("on_generation_start", decoder=self, prompt_ids=request.prompt_ids)
-        results = decode_batch(self, requests, batch_size, on_tokens, on_step=lambda stats: plugins.notify("on_step", stats=stats))
+        results = yield from batch_slices(self, requests, batch_size, on_tokens,
+                                          on_step=lambda stats: plugins.notify("on_step", stats=stats))
         return [self._output(token_ids, metrics) for token_ids, metrics in results]
 
     def prepare(self, prompt, messages, generation: dict, fit_context: bool = False) -> Request:

@@ -261,42 +261,89 @@ def test_cpu_steal_is_read_from_proc_stat(tmp_path):
     assert steal_percent(before, before) is None  # no time between the readings
 
 
-def test_odd_repeats_run_the_methods_in_reverse_order(capsys, tmp_path, monkeypatch):
-    """A machine drifting within a repeat then favours a method against ar in one repeat and ar
-    in the next. Each row's CPU steal is its own runs' mean."""
+def test_the_methods_run_interleaved_a_step_at_a_time_each_leading_once_a_repeat(capsys, tmp_path, monkeypatch):
+    """At each B the methods take turns of one slice (a step of the batch), the turns' order
+    alternating, so a machine's drift falls on all alike; a repeat runs one such pass per rotation
+    of the methods, each leading once. Each row's CPU steal is its own passes' mean."""
     import dataclasses
 
     import specdec.bench.batched as batched
     from test_cli import run_cli
 
-    order, run = [], batched._run
+    created, order, results = [], [], []
+    init, advance, result = batched.Pass.__init__, batched.Pass.advance, batched.Pass.result
 
-    def recording(decoder, inputs, batch_size, max_new):
-        order.append(decoder.strategy.name)
-        steal = 1.0 if decoder.strategy.name == "ar" else 2.0 + order.count("chain")  # chain: 3, 4, 5
-        return dataclasses.replace(run(decoder, inputs, batch_size, max_new), steal=steal)
+    def named_init(self, decoder, *args):
+        init(self, decoder, *args)
+        self.name, self.index = decoder.strategy.name, len(created)
+        created.append(self.name)
 
-    monkeypatch.setattr(batched, "_run", recording)
+    def recording_advance(self):
+        order.append((self.index, self.name))
+        advance(self)
+
+    def recording_result(self):
+        results.append(self.name)
+        steal = 1.0 if self.name == "ar" else 2.0 + results.count("chain")  # chain: 3, 4, ..., 8
+        return dataclasses.replace(result(self), steal=steal)
+
+    monkeypatch.setattr(batched.Pass, "__init__", named_init)
+    monkeypatch.setattr(batched.Pass, "advance", recording_advance)
+    monkeypatch.setattr(batched.Pass, "result", recording_result)
     config = str(Path(__file__).resolve().parents[1] / "configs" / "chain.yaml")
     code, _, err = run_cli(capsys, "bench", config, "--baselines", "ar", "--batch-size", "2", "--limit", "2",
-                           "--max-new-tokens", "4", "--repeats", "3", "--warmup", "0", "--out", str(tmp_path / "b"))
+                           "--max-new-tokens", "6", "--repeats", "3", "--warmup", "0", "--out", str(tmp_path / "b"))
     assert code == 0, err
-    assert order == ["ar", "chain", "chain", "ar", "ar", "chain"]
+    assert created == ["ar", "chain", "chain", "ar"] * 3
+    first, second = ([name for index, name in order if index == i] for i in (0, 1))
+    assert order[:6] == [(0, "ar"), (1, "chain"), (1, "chain"), (0, "ar"), (0, "ar"), (1, "chain")]
+    assert len(first) > 3 and len(second) > 3
+    assert [step for step in order if step[0] in (2, 3)][:4] == [(2, "chain"), (3, "ar"), (3, "ar"), (2, "chain")]
     report = json.loads((tmp_path / "b" / "report.json").read_text())
-    assert [(r["name"], r["steal_percent"]) for r in report["runs"]] == [("ar", 1.0), ("chain", 4.0)]
+    assert [(r["name"], r["steal_percent"]) for r in report["runs"]] == [("ar", 1.0), ("chain", 5.5)]
 
 
-def test_a_batched_speedup_pairs_each_repeat_with_ars():
-    from specdec.bench.batched import BatchRun, paired_ratios, paired_speedup
+def test_a_pass_is_timed_on_its_own_clock_and_passes_that_end_drop_out(monkeypatch):
+    """Each pass's time, first-token latency and inter-token gaps count only its own slices;
+    the turns alternate their order and skip a pass that has ended."""
+    import types
+
+    import specdec.bench.batched as batched
+
+    now, order = [0.0], []
+    monkeypatch.setattr(batched.time, "perf_counter", lambda: now[0])
+
+    def decoder(name: str, slices: int, seconds: float):
+        def batch_slices(prompts, batch_size, on_tokens, max_new_tokens):
+            for index in range(slices):
+                order.append(name)
+                now[0] += seconds
+                on_tokens(0, [index])  # one block a slice
+                yield
+            return [types.SimpleNamespace(token_ids=list(range(slices)), metrics=types.SimpleNamespace(prefill_seconds=0.0))]
+        return types.SimpleNamespace(batch_slices=batch_slices)
+
+    passes = [batched.Pass(decoder("a", 3, 1.0), {"prompts": ["x"]}, 1, 8),
+              batched.Pass(decoder("b", 2, 10.0), {"prompts": ["x"]}, 1, 8)]
+    batched.interleave(passes)
+    assert order == ["a", "b", "b", "a", "a"]
+    a, b = (p.result() for p in passes)
+    assert (a.tokens_per_second, b.tokens_per_second) == (1.0, 0.1)  # 3 tokens in 3 s; 2 in 20 s
+    assert (a.first_token, b.first_token) == ([1.0], [10.0])
+    assert (a.gaps, b.gaps) == ([1.0, 1.0], [10.0])
+
+
+def test_a_batched_speedup_pairs_each_pass_with_ars_and_each_repeat_takes_the_geometric_mean():
+    from specdec.bench.batched import BatchRun, repeat_ratios
 
     def runs(*rates):
         return [BatchRun(rate, rate, [], [], [], []) for rate in rates]
 
-    # the repeats read 1.0x, 0.5x, 1.0x: the median is 1.0x, where the medians' ratio would read 20 / 30
-    assert paired_speedup(runs(10, 20, 30), runs(10, 40, 30)) == 1.0
-    assert paired_ratios(runs(10, 20, 30), runs(10, 40, 30)) == [1.0, 0.5, 1.0]
+    # two passes a repeat (each method leading once): pass ratios 1.0, 0.5 | 1.0, 4.0
+    assert repeat_ratios(runs(10, 20, 30, 40), runs(10, 40, 30, 10), 2) == pytest.approx([0.5 ** 0.5, 2.0])
+    assert repeat_ratios(runs(10, 20, 30), runs(10, 40, 30), 1) == [1.0, 0.5, 1.0]
     with pytest.raises(ValueError):
-        paired_speedup(runs(10, 20), runs(10))
+        repeat_ratios(runs(10, 20), runs(10), 1)
 
 
 @pytest.mark.parametrize("label", ["chain", "dyspec", "gsd"])
@@ -704,3 +751,19 @@ def test_the_prefill_cost_script_alternates_the_prompts_alone_and_joined(monkeyp
     alone, together = script.prefill_costs(backend, [[1, 2, 3], [0, 1], [3, 2, 1, 0]], rounds=2)
     assert lengths == [3] + [3, 2, 4, 9] * 2  # a warm-up, then two rounds
     assert alone > 0 and together > 0
+
+
+def test_the_paired_batch_script_interleaves_and_splits_each_methods_steps(capsys, monkeypatch):
+    # scripts/paired_batch.py: ar and a config interleaved a step at a time; with --steps each
+    # method's full-batch steps are split apart, never pooled
+    from specdec import batch, lockstep
+
+    script = load_script("paired_batch")
+    monkeypatch.setattr(batch.BatchLoop, "step", batch.BatchLoop.step)  # --steps patches these; undone after the test
+    monkeypatch.setattr(lockstep, "model_call", lockstep.model_call)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "chain.yaml")
+    assert script.main([config, "--batch-sizes", "2", "--repeats", "2", "--limit", "2", "--max-new-tokens", "6", "--steps"]) == 0
+    out = capsys.readouterr().out
+    assert "B 2 ar: " in out and f"B 2 {config}: " in out
+    steps = [int(line.split()[0]) for line in out.splitlines() if "steps of 2 rows" in line]
+    assert len(steps) == 2 and all(count > 0 for count in steps)

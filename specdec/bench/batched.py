@@ -2,22 +2,27 @@
 
 Every prompt (a question's first turn) is submitted at once; the loop decodes up to B of them per
 target forward and refills rows as sequences finish. Per method and batch size:
-- tokens/s: all new tokens over the wall time of the whole set;
+- tokens/s: all new tokens over the method's time for the whole set (its own slices', below);
 - decode tokens/s: the tokens the steps emitted (all but each request's first, which its prefill
-  chooses) over the wall time less the prefills' (joining rows prefill one at a time, between
+  chooses) over that time less the prefills' (joining rows prefill one at a time, between
   steps): what batching the steps gives, apart from the prefills it cannot share;
-- time to first token: from submission to a request's first token (waiting for a row included);
+- time to first token: from submission to a request's first token on the method's clock (waiting
+  for a row included);
 - inter-token latency: a block of n tokens emitted t after the request's previous block counts as
   n gaps of t / n; p50 and p99 over every gap of every request;
 - CPU steal: the share of the CPUs' time the hypervisor gave other guests during the method's runs
   (from /proc/stat): a method's steal far from `ar`'s at the same B tells a ratio that a shared
   machine decided.
-`ar` (the target alone through the same batched loop) is the reference at each batch size. A
-repeat runs every method at one B back to back before the next B, and a method's speedup is the
-median over repeats of its throughput over `ar`'s in the same repeat: pairs minutes apart on a
-noisy machine would compare the machine's drift as much as the methods. Odd repeats run the
-methods in reverse order, so a machine drifting within a repeat favours a method against `ar` in
-one repeat and `ar` in the next, instead of the last method in every repeat.
+`ar` (the target alone through the same batched loop) is the reference at each batch size. The
+methods run interleaved: each advances one slice (a step of its batch; a whole request at B = 1)
+in turn, the turns' order alternating, and each is timed on a clock that runs only during its own
+slices. A slow patch of a shared machine (seconds to minutes) then falls on every method alike
+instead of on whichever ran then. The method that leads (takes the first slice, and with it
+makes its batch's buffers first) still runs a few percent faster: two identical `ar` decoders at
+B = 16 on the real pair read 0.95x and 1.05x each other by which led (BENCHMARKS.md). So a
+repeat runs one interleaved pass per rotation of the methods' order, each method leading once, a
+method's ratio to `ar` in a repeat is the geometric mean over those passes, and its speedup is the
+median over repeats.
 """
 
 from __future__ import annotations
@@ -63,32 +68,36 @@ def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
     warm = {k: (v * largest)[:largest] for k, v in inputs.items()}
     for _, decoder in methods:
         for _ in range(settings.warmup):
-            _run(decoder, warm, largest, min(16, max_new))
+            decoder.generate_batch(**warm, batch_size=largest, max_new_tokens=min(16, max_new))
     runs: dict[tuple[str, int], list[BatchRun]] = {}
-    bar = tqdm(total=settings.repeats * len(methods) * len(batch_sizes), desc="bench", file=sys.stderr, unit="batch run")
-    for repeat in range(settings.repeats):
+    bar = tqdm(total=settings.repeats * len(batch_sizes), desc="bench", file=sys.stderr, unit="repeat")
+    for _ in range(settings.repeats):
         for size in batch_sizes:
-            for name, decoder in methods if repeat % 2 == 0 else methods[::-1]:
-                runs.setdefault((name, size), []).append(_run(decoder, inputs, size, max_new))
-                bar.update()
+            for shift in range(len(methods)):  # each method leads once: the leader runs faster (see above)
+                order = methods[shift:] + methods[:shift]
+                together = [Pass(decoder, inputs, size, max_new) for _, decoder in order]
+                interleave(together)
+                for (name, _), done in zip(order, together, strict=True):
+                    runs.setdefault((name, size), []).append(done.result())
+            bar.update()
     bar.close()
     greedy = config.generation.temperature == 0.0
     rows = []
     for name, size in ((name, size) for name, _ in methods for size in batch_sizes):
-        repeats, ar_repeats = runs[(name, size)], runs[("ar", size)]
-        median, ar, ratios = _median(repeats), _median(ar_repeats), paired_ratios(repeats, ar_repeats)
+        passes, ar_passes = runs[(name, size)], runs[("ar", size)]
+        median, ratios = _median(passes), repeat_ratios(passes, ar_passes, len(methods))
         total = merge_metrics(median.metrics)
         rows.append({
             "name": name, "batch_size": size, "tokens_per_second": median.tokens_per_second,
             "decode_tokens_per_second": median.decode_tokens_per_second,
-            "speedup_vs_ar": paired_speedup(repeats, ar_repeats), "speedup_vs_ar_range": [min(ratios), max(ratios)],
+            "speedup_vs_ar": statistics.median(ratios), "speedup_vs_ar_range": [min(ratios), max(ratios)],
             "mean_accepted_length": total.mean_accepted_length,
             "drafted_nodes_per_step": total.drafted_nodes / total.steps if total.steps else 0.0,
             "first_token_p50_ms": 1e3 * statistics.median(median.first_token),
             "inter_token_p50_ms": 1e3 * percentile(median.gaps, 0.5),
             "inter_token_p99_ms": 1e3 * percentile(median.gaps, 0.99),
-            "outputs_match_ar": median.outputs == ar.outputs if greedy else None,
-            "steal_percent": _mean_steal(repeats),
+            "outputs_match_ar": all(r.outputs == a.outputs for r, a in zip(passes, ar_passes)) if greedy else None,
+            "steal_percent": _mean_steal(passes),
         })
     return {"device": device_description(), "versions": versions(), "runs": rows, "settings": {
         "configs": settings.configs, "overrides": settings.overrides, "prompts": settings.prompts, "questions": len(questions),
@@ -96,28 +105,64 @@ def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
         "batch_sizes": batch_sizes, "greedy": greedy}}
 
 
-def _run(decoder, inputs: dict, batch_size: int, max_new: int) -> BatchRun:
-    count = len(next(iter(inputs.values())))
-    last: list[float | None] = [None] * count
-    first_token: list[float] = [0.0] * count
-    gaps: list[float] = []
+def interleave(passes: list[Pass]) -> None:
+    """Advance every pass a slice at a time until all end, in turns whose order alternates
+    (first to last, then last to first), so that each method meets the machine's drift alike."""
+    turn = 0
+    while live := [p for p in passes if not p.done]:
+        for p in live if turn % 2 == 0 else live[::-1]:
+            p.advance()
+        turn += 1
 
-    def on_tokens(index: int, block: list[int]) -> None:
-        now = time.perf_counter()
-        if last[index] is None:
-            first_token[index] = now - start
+
+class Pass:
+    """One method's decoding of the prompts at one batch size, a slice at a time
+    (`SpeculativeDecoder.batch_slices`), on a clock of its own that runs only during its slices:
+    its throughput and latencies are what it would show alone."""
+
+    def __init__(self, decoder, inputs: dict, batch_size: int, max_new: int):
+        count = len(next(iter(inputs.values())))
+        self.last: list[float | None] = [None] * count  # own-clock time of each request's latest block
+        self.first_token = [0.0] * count  # seconds, per request
+        self.gaps: list[float] = []
+        self.seconds, self.started = 0.0, 0.0  # own time so far; when the running slice started
+        self.steal, self.ticks = 0, 0  # stolen and all CPU ticks during the slices (-1: not known here)
+        self.outputs = None
+        self.slices = decoder.batch_slices(**inputs, batch_size=batch_size, on_tokens=self._on_tokens, max_new_tokens=max_new)
+
+    @property
+    def done(self) -> bool:
+        return self.outputs is not None
+
+    def advance(self) -> None:
+        before, self.started = cpu_ticks(), time.perf_counter()
+        try:
+            next(self.slices)
+        except StopIteration as end:
+            self.outputs = end.value
+        self.seconds += time.perf_counter() - self.started
+        after = cpu_ticks()
+        if before is None or after is None or self.ticks < 0:
+            self.ticks = -1
+        else:
+            self.steal, self.ticks = self.steal + after[0] - before[0], self.ticks + after[1] - before[1]
+
+    def _on_tokens(self, index: int, block: list[int]) -> None:
+        now = self.seconds + time.perf_counter() - self.started
+        if self.last[index] is None:
+            self.first_token[index] = now
         elif block:
-            gaps.extend([(now - last[index]) / len(block)] * len(block))
-        last[index] = now
+            self.gaps.extend([(now - self.last[index]) / len(block)] * len(block))
+        self.last[index] = now
 
-    ticks, start = cpu_ticks(), time.perf_counter()
-    outputs = decoder.generate_batch(**inputs, batch_size=batch_size, on_tokens=on_tokens, max_new_tokens=max_new)
-    seconds, steal = time.perf_counter() - start, steal_percent(ticks, cpu_ticks())
-    tokens = sum(len(o.token_ids) for o in outputs)
-    prefill_seconds = sum(o.metrics.prefill_seconds for o in outputs)
-    decode = sum(max(0, len(o.token_ids) - 1) for o in outputs) / max(seconds - prefill_seconds, 1e-9)
-    return BatchRun(tokens / seconds, decode, first_token, gaps, [o.token_ids for o in outputs], [o.metrics for o in outputs],
-                    steal)
+    def result(self) -> BatchRun:
+        outputs, seconds = self.outputs, self.seconds
+        tokens = sum(len(o.token_ids) for o in outputs)
+        prefill_seconds = sum(o.metrics.prefill_seconds for o in outputs)
+        decode = sum(max(0, len(o.token_ids) - 1) for o in outputs) / max(seconds - prefill_seconds, 1e-9)
+        steal = steal_percent((0, 0), (self.steal, self.ticks)) if self.ticks >= 0 else None
+        return BatchRun(tokens / seconds, decode, self.first_token, self.gaps, [o.token_ids for o in outputs],
+                        [o.metrics for o in outputs], steal)
 
 
 def _mean_steal(runs: list[BatchRun]) -> float | None:
@@ -126,19 +171,17 @@ def _mean_steal(runs: list[BatchRun]) -> float | None:
     return None if None in steals else statistics.fmean(steals)
 
 
-def _median(repeats: list[BatchRun]) -> BatchRun:
-    """The repeat of median throughput."""
-    return sorted(repeats, key=lambda r: r.tokens_per_second)[len(repeats) // 2]
+def _median(passes: list[BatchRun]) -> BatchRun:
+    """The pass of median throughput."""
+    return sorted(passes, key=lambda r: r.tokens_per_second)[len(passes) // 2]
 
 
-def paired_ratios(runs: list[BatchRun], ar_runs: list[BatchRun]) -> list[float]:
-    """A method's throughput over `ar`'s in the same repeat, per repeat."""
-    return [r.tokens_per_second / a.tokens_per_second for r, a in zip(runs, ar_runs, strict=True)]
-
-
-def paired_speedup(runs: list[BatchRun], ar_runs: list[BatchRun]) -> float:
-    """The median over repeats of a method's throughput over `ar`'s in the same repeat."""
-    return statistics.median(paired_ratios(runs, ar_runs))
+def repeat_ratios(runs: list[BatchRun], ar_runs: list[BatchRun], passes: int) -> list[float]:
+    """A method's throughput over `ar`'s, per repeat: the geometric mean of the ratios of the
+    repeat's `passes` passes (one per rotation of the methods' order), in which the methods
+    paired ran interleaved."""
+    ratios = [r.tokens_per_second / a.tokens_per_second for r, a in zip(runs, ar_runs, strict=True)]
+    return [statistics.geometric_mean(ratios[i : i + passes]) for i in range(0, len(ratios), passes)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -159,7 +202,7 @@ def markdown(report: dict) -> str:
         *machine_lines(report),
         f"Settings: {s['questions']} prompts (first turns) from `{prompt_file_name(s['prompts'])}`{' as chat' if s['chat'] else ''}, "
         f"max_new_tokens {s['max_new_tokens']}, batch sizes {', '.join(map(str, s['batch_sizes']))}, "
-        f"{'greedy' if s['greedy'] else 'sampling'}, median of {s['repeats']} repeats (speedups: of ratios within a repeat); configs {', '.join(s['configs'])}"
+        f"{'greedy' if s['greedy'] else 'sampling'}, median of {s['repeats']} repeats (speedups: of ratios within a repeat, each method leading once); configs {', '.join(s['configs'])}"
         + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else ""),
         "",
         "| method | batch | tokens/s (all) | vs ar | repeats' range | decode tokens/s | tau | nodes/step | first token p50 ms | inter-token p50 ms | p99 ms | same as ar | CPU steal % |",
