@@ -42,19 +42,15 @@ from specdec.strategies.budget import Load
 T = TypeVar("T")
 
 
-def decode_batch(decoder, requests: list, batch_size: int, on_tokens: Callable[[int, list[int]], None] | None = None,
-                 on_step: Callable[[StepStats], None] | None = None) -> list[tuple[list[int], GenerationMetrics]]:
-    """decoder: a SpeculativeDecoder; requests: its checked Requests -> (token ids, metrics) per
-    request, in the given order; the prompts start shortest first. `on_tokens(request index, block)`
-    receives each block of emitted tokens, `on_step` every sequence's StepStats."""
-    return drain(batch_slices(decoder, requests, batch_size, on_tokens, on_step))
-
-
 def batch_slices(decoder, requests: list, batch_size: int, on_tokens: Callable[[int, list[int]], None] | None = None,
-                 on_step: Callable[[StepStats], None] | None = None) -> Generator[None, None, list]:
-    """`decode_batch` a slice at a time: a generator that yields after each step of the batch
-    (after each whole request when the batch is one row) and returns decode_batch's result, so
-    that a bench can interleave several decoders' slices (specdec/bench/batched.py)."""
+                 on_step: Callable[[StepStats], None] | None = None,
+                 ) -> Generator[None, None, list[tuple[list[int], GenerationMetrics]]]:
+    """decoder: a SpeculativeDecoder; requests: its checked Requests. A generator that yields after
+    each step of the batch (after each whole request when the batch is one row), so that a bench
+    can interleave several decoders' slices (specdec/bench/batched.py), and returns (token ids,
+    metrics) per request, in the given order (`drain` runs it through); the prompts start
+    shortest first. `on_tokens(request index, block)` receives each block of emitted tokens,
+    `on_step` every sequence's StepStats."""
     if batch_size < 1:
         raise SpecdecError(f"batch size must be at least 1, got {batch_size}")
     results: list = [None] * len(requests)
@@ -97,7 +93,7 @@ def drain(slices: Generator[None, None, T]) -> T:
 
 class BatchLoop:
     """Up to `rows` sequences over one batched target: `join` a request into a free row, `step`
-    every running sequence once, `cancel` one between steps. `decode_batch` and the server's
+    every running sequence once, `cancel` one between steps. `batch_slices` and the server's
     worker (specdec/serve/worker.py) drive it."""
 
     def __init__(self, decoder, rows: int, on_step: Callable[[StepStats], None] | None = None):

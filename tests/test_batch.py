@@ -663,14 +663,14 @@ def batched_row_distribution(decoder, prompt: list[int], length: int, temperatur
     """{first `length` tokens of the row decoding `prompt`: probability} over every draw sequence of
     that row, decoded in a batch after another row with a fixed seed."""
     from enumeration import enumerate_outcomes
-    from specdec.batch import decode_batch
+    from specdec.batch import batch_slices, drain
 
     generation = {"max_new_tokens": length, "temperature": temperature, "top_k": top_k}
 
     def outcome(rng):
         requests = [decoder.prepare(p, None, {**generation, "seed": 7}) for p in ([2, 1, 3, 3, 0], prompt)]
         requests[1].rng = rng
-        return tuple(decode_batch(decoder, requests, 2)[1][0])
+        return tuple(drain(batch_slices(decoder, requests, 2))[1][0])
 
     return enumerate_outcomes(outcome)
 

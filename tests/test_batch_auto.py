@@ -74,14 +74,14 @@ def record_plans(monkeypatch) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("label", list(AUTO))
 def test_speculation_stops_when_the_batch_fills_and_returns_as_it_drains(label, models, monkeypatch):
-    from specdec.batch import decode_batch
+    from specdec.batch import batch_slices, drain
 
     target = models("llama", 0)
     decoder = auto_decoder(target, target, label, CROWDED, monkeypatch)  # the draft is the target: always right
     plans = record_plans(monkeypatch)
     lengths = [4, 40, 6, 8, 30, 5]  # the two longest prompts start last and outlive the rest: the batch drains to one row
     requests = [decoder.prepare(p, None, {"max_new_tokens": n}) for p, n in zip(PROMPTS, lengths)]
-    results = decode_batch(decoder, requests, 3)
+    results = drain(batch_slices(decoder, requests, 3))
     assert [tokens for tokens, _ in results] == [hf_greedy(target, p, n) for p, n in zip(PROMPTS, lengths)]
     crowded = [nodes for rows, nodes in plans if rows >= 2]
     alone = [nodes for rows, nodes in plans if rows == 1]
