@@ -160,7 +160,7 @@ class Pass:
         tokens = sum(len(o.token_ids) for o in outputs)
         prefill_seconds = sum(o.metrics.prefill_seconds for o in outputs)
         decode = sum(max(0, len(o.token_ids) - 1) for o in outputs) / max(seconds - prefill_seconds, 1e-9)
-        steal = steal_percent((0, 0), (self.steal, self.ticks)) if self.ticks >= 0 else None
+        steal = steal_percent((0, 0), (self.steal, self.ticks))  # None where not known (ticks -1)
         return BatchRun(tokens / seconds, decode, self.first_token, self.gaps, [o.token_ids for o in outputs],
                         [o.metrics for o in outputs], steal)
 
