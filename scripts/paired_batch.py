@@ -21,7 +21,7 @@ import statistics
 import time
 
 from specdec import batch, lockstep
-from specdec.bench.batched import Pass, interleave, repeat_ratios
+from specdec.bench.batched import repeat, repeat_ratios
 from specdec.bench.methods import ar_decoder
 from specdec.bench.prompts import load_questions
 from specdec.decoder import SpeculativeDecoder
@@ -52,18 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size in batch_sizes:
         runs = {name: [] for name in decoders}
         split = {name: [] for name in decoders}
-        names = list(decoders)
-        for _ in range(args.repeats):  # as specdec bench runs them: interleaved a step at a time,
-            for shift in range(len(names)):  # a pass per rotation of the order, each method leading once
-                steps.clear()
-                order = names[shift:] + names[:shift]
-                passes = [Pass(decoders[name], inputs, batch_size, args.max_new_tokens) for name in order]
-                interleave(passes)
-                for name, done in zip(order, passes):
-                    runs[name].append(done.result())
-                    split[name] += [step[2:] for step in steps if step[0] is decoders[name] and step[1] == batch_size]
+        for _ in range(args.repeats):  # as specdec bench runs them (interleaved, each method leading once)
+            steps.clear()
+            for name, passes in repeat(list(decoders.items()), inputs, batch_size, args.max_new_tokens).items():
+                runs[name] += passes
+                split[name] += [step[2:] for step in steps if step[0] is decoders[name] and step[1] == batch_size]
         for name in decoders:
-            ratio = statistics.median(repeat_ratios(runs[name], runs["ar"], len(names)))
+            ratio = statistics.median(repeat_ratios(runs[name], runs["ar"], len(decoders)))
             rates = [run.tokens_per_second for run in runs[name]]
             nodes = [sum(m.drafted_nodes for m in run.metrics) / sum(m.steps for m in run.metrics) for run in runs[name]]
             print(f"B {batch_size} {name}: {ratio:.3f}x ar, {statistics.median(nodes):.2f} nodes/step "

@@ -73,12 +73,8 @@ def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
     bar = tqdm(total=settings.repeats * len(batch_sizes), desc="bench", file=sys.stderr, unit="repeat")
     for _ in range(settings.repeats):
         for size in batch_sizes:
-            for shift in range(len(methods)):  # each method leads once: the leader runs faster (see above)
-                order = methods[shift:] + methods[:shift]
-                together = [Pass(decoder, inputs, size, max_new) for _, decoder in order]
-                interleave(together)
-                for (name, _), done in zip(order, together, strict=True):
-                    runs.setdefault((name, size), []).append(done.result())
+            for name, passes in repeat(methods, inputs, size, max_new).items():
+                runs.setdefault((name, size), []).extend(passes)
             bar.update()
     bar.close()
     greedy = config.generation.temperature == 0.0
@@ -103,6 +99,19 @@ def run_batched(settings: BenchSettings, batch_sizes: list[int]) -> dict:
         "configs": settings.configs, "overrides": settings.overrides, "prompts": settings.prompts, "questions": len(questions),
         "max_new_tokens": max_new, "repeats": settings.repeats, "warmup": settings.warmup, "chat": settings.chat,
         "batch_sizes": batch_sizes, "greedy": greedy}}
+
+
+def repeat(methods: list[tuple[str, object]], inputs: dict, batch_size: int, max_new: int) -> dict[str, list[BatchRun]]:
+    """One repeat at one batch size: an interleaved pass of every method per rotation of their
+    order, each leading once (the leader runs faster, see above) -> each method's passes."""
+    runs: dict[str, list[BatchRun]] = {name: [] for name, _ in methods}
+    for shift in range(len(methods)):
+        order = methods[shift:] + methods[:shift]
+        together = [Pass(decoder, inputs, batch_size, max_new) for _, decoder in order]
+        interleave(together)
+        for (name, _), done in zip(order, together, strict=True):
+            runs[name].append(done.result())
+    return runs
 
 
 def interleave(passes: list[Pass]) -> None:
